@@ -1,0 +1,1 @@
+"""Model registry behind ``-n`` (filled as the heads land)."""
