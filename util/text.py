@@ -1,0 +1,50 @@
+"""Tokenizer and vocabulary with the exact semantics of the originals' ``util/text_processing.py`` (spec §1.6).
+
+Python 2 compatibility note: the original split py2 ``str`` with ``re.split(r'(\\W+)', ...)`` and no UNICODE flag,
+so only ASCII letters, digits and '_' were word characters. Python 3 ``re`` is Unicode-aware by default; we pass
+``re.ASCII`` to reproduce the original (e.g. "café" → 'caf', 'é').
+"""
+import re
+
+T_DEFAULT = 20
+PAD_ID = 0
+UNK_ID = 3
+
+_SPLIT_RE = re.compile(r"(\W+)", re.ASCII)
+
+
+def load_vocab_dict_from_lines(lines):
+    """Map word → line index; every line is ``strip()``-ed; a later duplicate overwrites an earlier one."""
+    return {line.strip(): i for i, line in enumerate(lines)}
+
+
+def load_vocab_dict_from_file(path):
+    """Read a vocabulary file (one word per line, UTF-8) with ``load_vocab_dict_from_lines``."""
+    with open(path, encoding="utf-8") as f:
+        return load_vocab_dict_from_lines(f.read().splitlines())
+
+
+def tokenize(sentence):
+    """Tokens of the original: split ``sentence.strip()`` on ``(\\W+)`` (ASCII), keep delimiters, drop tokens that
+    are empty after ``strip()``, lower-case the rest WITHOUT stripping them, and drop a final token equal to '.'."""
+    words = [w.lower() for w in _SPLIT_RE.split(sentence.strip()) if w.strip()]
+    if words and words[-1] == ".":
+        words = words[:-1]
+    return words
+
+
+def sentence2vocab_indices(sentence, vocab_dict):
+    """Token ids of ``tokenize(sentence)``; unknown tokens → ``<unk>`` = 3.
+
+    Raises ValueError when the sentence has no tokens at all (empty or whitespace only; the original crashed
+    there). A sentence of only '.' is not empty: it yields [] after the final '.' is dropped, as in the original.
+    """
+    if not [w for w in _SPLIT_RE.split(sentence.strip()) if w.strip()]:
+        raise ValueError(f"empty sentence (no tokens): {sentence!r}")
+    return [vocab_dict.get(w, UNK_ID) for w in tokenize(sentence)]
+
+
+def preprocess_sentence(sentence, vocab_dict, T=T_DEFAULT):
+    """``T`` ids: the first ``T`` of ``sentence2vocab_indices`` left-padded with ``<pad>`` = 0 (no ``<eos>``)."""
+    ids = sentence2vocab_indices(sentence, vocab_dict)[:T]
+    return [PAD_ID] * (T - len(ids)) + ids
