@@ -1,7 +1,9 @@
 """Training: one ``tf.function`` step with the originals' objective, and the training loop."""
+import logging
+
 import tensorflow as tf
 
-from util.optim import WEIGHT_DECAY, gradient_multiplier, l2_regularization
+from util.optim import WEIGHT_DECAY, gradient_multiplier, is_regularized, l2_regularization
 
 
 def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight_decay=WEIGHT_DECAY,
@@ -41,3 +43,102 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
         return losses, outputs
 
     return tf.function(step, jit_compile=jit_compile)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _downsample_target(target, size):
+    """The originals' accuracy label: legacy bilinear resize of the full mask to the score map (pixel (8i, 8j))."""
+    from models.layers import resize_bilinear_legacy
+    return resize_bilinear_legacy(tf.convert_to_tensor(target), size).numpy()
+
+
+class MovingAverages:
+    """EMAs with decay 0.99 starting from 0, as the originals' training logs."""
+
+    def __init__(self, decay=0.99):
+        self.decay, self.values = decay, {}
+
+    def update(self, name, value):
+        self.values[name] = self.decay * self.values.get(name, 0.0) + (1 - self.decay) * value
+        return self.values[name]
+
+
+def train(cfg):
+    """The originals' ``train()``: see ``trainval_model.py`` for the flags in ``cfg``."""
+    import time
+
+    import numpy as np
+
+    from models import build_model
+    from util import data
+    from util.checkpoints import load_backbone_weights
+    from util.metrics import compute_accuracy
+    from util.optim import TF1Adam
+    from util.snapshots import Snapshots, restore_model
+
+    log = logging.getLogger("train")
+    files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
+    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
+                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
+    head = model.head
+    tvars = model.train_variables(cfg.conv5)
+    optimizer = TF1Adam(tvars, cfg.lr, head.LR_DECAY_STEPS, head.STEP_NAME)
+    snapshots = Snapshots(cfg.snapshot_folder, cfg.snapshot_name, keep=cfg.keep_snapshots)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+    start, latest = snapshots.latest()
+    if latest is not None:
+        restore_model(model, latest, optimizer)
+        start = int(optimizer.step.numpy())
+        log.info("resuming from %s (iteration %d)", latest, start)
+    elif cfg.resume_from:
+        restore_model(model, cfg.resume_from, optimizer)
+        start = int(optimizer.step.numpy())
+        log.info("resuming from %s (iteration %d)", cfg.resume_from, start)
+    else:
+        start = 0
+        log.info("Loading pretrained weights from %s", cfg.init_weights)
+        load_backbone_weights(model.backbone, cfg.init_weights)
+
+    log.info("Collecting variables for regularization:")
+    for name in sorted(n for n in tvars if is_regularized(n)):
+        log.info("\t%s", name)
+    log.info("Done.")
+
+    step_fn = make_train_step(lambda inp: model(*inp), head.losses, head.OBJECTIVE, tvars, optimizer,
+                              jit_compile=cfg.xla)
+    dataset = data.training_dataset(files, cfg.batch_size, cfg.seed, shuffle=True, start=start * cfg.batch_size)
+    batches = iter(dataset)
+    averages = MovingAverages()
+    score_size = None
+    last_time = time.time()
+    for n_iter in range(start, cfg.max_iter):
+        words, image, target = next(batches)
+        losses, outputs = step_fn((image, words), target)
+        cls_loss = float(losses["cls_loss"])
+        if not np.isfinite(float(losses["cost"])):
+            raise TrainingDiverged(
+                f"loss is {float(losses['cost'])} at iteration {n_iter}: stopping; the last good snapshot is "
+                f"{snapshots.latest()[1] or '(none yet)'}")
+        avg_loss = averages.update("loss", cls_loss)
+        pred = outputs["pred"].numpy()
+        score_size = score_size or list(pred.shape[1:3])
+        acc = compute_accuracy(pred, _downsample_target(target, score_size))
+        avg_acc = [averages.update(k, a) for k, a in zip(("all", "pos", "neg"), acc)]
+        now = time.time()
+        if n_iter % cfg.log_every == 0:
+            log.info("iter = %d, loss (cur) = %f, loss (avg) = %f, lr = %f",
+                     n_iter, cls_loss, avg_loss, float(losses["learning_rate"]))
+            log.info("iter = %d, accuracy (cur) = %f (all), %f (pos), %f (neg)", n_iter, *acc)
+            log.info("iter = %d, accuracy (avg) = %f (all), %f (pos), %f (neg)", n_iter, *avg_acc)
+            log.info("iter = %d, cur time = %.5f, model_name: %s", n_iter, now - last_time, cfg.model)
+        last_time = now
+        if (n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter:
+            log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1))
+        if n_iter + 1 >= cfg.stop_iter:
+            log.info("stop training at iter %d", cfg.stop_iter)
+            break
+    log.info("Optimization done.")

@@ -1,0 +1,111 @@
+"""Evaluation: the originals' ``test()`` — preprocessing, threshold, DenseCRF, metrics, visualisation.
+
+Per sample: proc_im = img_as_ubyte(resize_and_pad(im, S, S)); the network sees float32(proc_im)[..., ::-1] − mu;
+prediction = (upsampled logits ≥ 1e-9), mapped back with resize_and_crop to the original size (any nonzero value is
+foreground); DenseCRF on the padded S×S frame with the uint8 RGB image. Samples are evaluated in file order, in
+batches of ``-bs`` (every padded image is S×S), which changes no number.
+"""
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from util import data
+from util.crf import dense_crf
+from util.image import img_as_ubyte, resize_and_crop, resize_and_pad
+from util.metrics import SegmentationMetrics, write_json_atomic
+
+SCORE_THRESHOLD = 1e-9
+log = logging.getLogger("test")
+
+
+def prepare(sample, image_size, mu=data.MU):
+    """(words int32 [T], network input float32 [S,S,3], padded RGB uint8 [S,S,3]) of one eval sample."""
+    proc_im = img_as_ubyte(resize_and_pad(sample["im_batch"], image_size, image_size))
+    return sample["text_batch"].astype(np.int32), data.to_network_input(proc_im, mu), proc_im
+
+
+def predict_masks(up, sigm, proc_im, shape, dcrf):
+    """Binary predictions at the original ``shape`` (float64, nonzero = foreground): plain, and DenseCRF or None."""
+    pred_raw = (up >= SCORE_THRESHOLD).astype(np.float32)
+    plain = resize_and_crop(pred_raw, *shape)
+    refined = resize_and_crop(dense_crf(sigm, proc_im), *shape) if dcrf else None
+    return plain, refined
+
+
+def save_visualization(folder, index, sample, prediction, suffix=""):
+    """``<folder>/<index>_im.png`` (image), ``_gt.png`` (red object on blue), ``_pred<suffix>.png`` (im/2 plus 100 in
+    the red channel where ``uint8(prediction)`` is 1), as CMPC's ``visualize_seg`` draws them, in one folder per
+    run instead of one per sentence; the sentence goes to ``_sent.txt``."""
+    os.makedirs(folder, exist_ok=True)
+    im = sample["im_batch"]
+    mask = sample["mask_batch"].astype(bool)
+    base = os.path.join(folder, f"{index:06d}")
+    gt = np.zeros_like(im)
+    gt[..., 2] = 170
+    gt[mask, 0] = 170
+    gt[mask, 2] = 0
+    pred = im / 2.0
+    pred[..., 0] += 100 * prediction.astype(np.uint8)
+    Image.fromarray(im).save(base + "_im.png")
+    Image.fromarray(gt).save(base + "_gt.png")
+    Image.fromarray(pred.astype(np.uint8)).save(base + f"_pred{suffix}.png")
+    with open(base + "_sent.txt", "w") as f:
+        f.write(data.sentence_of(sample) + "\n")
+
+
+def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True):
+    """Evaluate ``model`` on the eval ``.npz`` files; returns (metrics, metrics with DenseCRF or None)."""
+    from tqdm import tqdm
+
+    forward = tf.function(lambda images, words: model(images, words))
+    metrics, metrics_crf = SegmentationMetrics(), (SegmentationMetrics() if dcrf else None)
+    bar = tqdm(total=len(files), desc="test", unit="sample", disable=not progress)
+    for start in range(0, len(files), batch_size):
+        samples = [data.load_sample(f) for f in files[start:start + batch_size]]
+        prepared = [prepare(s, image_size) for s in samples]
+        words = np.stack([p[0] for p in prepared])
+        images = np.stack([p[1] for p in prepared])
+        outputs = forward(tf.constant(images), tf.constant(words))
+        up = outputs["up"].numpy()[..., 0]
+        sigm = outputs["sigm"].numpy()[..., 0]
+        for k, (sample, (_, _, proc_im)) in enumerate(zip(samples, prepared)):
+            shape = sample["mask_batch"].shape
+            plain, refined = predict_masks(up[k], sigm[k], proc_im, shape, dcrf)
+            metrics.add(plain, sample["mask_batch"])
+            if dcrf:
+                metrics_crf.add(refined, sample["mask_batch"])
+            if vis_folder:
+                save_visualization(vis_folder, start + k, sample, plain)
+                if dcrf:
+                    save_visualization(vis_folder, start + k, sample, refined, suffix="_dcrf")
+        bar.update(len(samples))
+    bar.close()
+    return metrics, metrics_crf
+
+
+def test(cfg):
+    """The originals' ``test()``: restore ``-i`` of ``-f``, evaluate ``-d``/``-t``, print the block, write JSON."""
+    from models import build_model
+    from util.snapshots import find_snapshot, restore_model
+
+    files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
+    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
+                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
+    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    log.info("Loading trained weights from %s", prefix)
+    restore_model(model, prefix)
+    metrics, metrics_crf = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
+                                    cfg.vis_folder if cfg.visualize else None, progress=cfg.progress)
+    log.info("%s", metrics.report("without DenseCRF"))
+    results = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "iteration": cfg.iteration,
+               "snapshot": prefix, "without_dcrf": metrics.summary()}
+    if metrics_crf is not None:
+        log.info("%s", metrics_crf.report("with DenseCRF"))
+        results["with_dcrf"] = metrics_crf.summary()
+    json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
+    write_json_atomic(results, json_path)
+    log.info("metrics written to %s", json_path)
+    return results
