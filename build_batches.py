@@ -1,0 +1,328 @@
+"""Build the one-sample-per-file ``.npz`` batches the trainers read (the originals' ``build_batches.py``, spec §1).
+
+Usage: ``python build_batches.py -d {unc,unc+,Gref,referit} -t <split> [options]``.
+
+Output: ``<output-dir>/<name>/<split>_batch/<name>_<split>_<n>.npz``, one file per (referring expression, sentence)
+with keys ``text_batch`` (int64 [20], ids left-padded with 0), ``im_batch`` (uint8 [H, W, 3]), ``mask_batch`` (bool
+[H, W]) and ``sent_batch`` (str array [1]). ``<name>`` is the dataset (``unc``, ``unc+``, ``Gref``, ``referit``),
+except ``Gref_umd`` for ``-d Gref --split-by umd`` so that the UMD and Google partitions of RefCOCOg never mix.
+Splits whose name contains 'train' are resized-and-padded to ``--img-size`` squared (scikit-image 0.13 arithmetic,
+``util/image.py``); other splits keep the original resolution. Grayscale images are tiled to 3 channels.
+
+Numbering and order: refs in ascending ref_id (the Python 2 dict order the original iterated, spec §7.19),
+sentences in list order; ReferIt region keys in sorted order (the original used py2 string-hash order). ``n`` runs
+over the valid samples of that order and is fixed before any image is read, so ``-j N`` writes byte-identical files
+to ``-j 1``. Sentences without any token are skipped (the original crashed) and take no number. A missing or
+unreadable image (or mask) skips its samples and leaves their numbers unused: the summary then warns, because the
+trainers' DataReader stops at the first gap; fix the file and re-run — existing files are kept, only the missing
+ones are written. Files are written to a temporary name in the same folder and renamed, so no partial ``.npz`` is
+ever left behind. The ``.npz`` archives carry fixed timestamps (contents are reproducible byte for byte).
+
+``sent_batch`` holds a Python 3 ``str`` (dtype ``<U``); the original stored py2 ``str`` (``S``, bytes) for COCO.
+This module does not import TensorFlow.
+"""
+import argparse
+import logging
+import multiprocessing
+import os
+import sys
+import time
+import zipfile
+from collections import Counter
+
+import numpy as np
+
+from util import image as im_proc
+from util import text as text_proc
+from util.refer import SPLITS, AnnotationError, Refer, ann_to_mask, coco_image_name, load_json, load_referit_gt_mask
+
+log = logging.getLogger("build_batches")
+
+T = 20
+COCO_SOURCES = {"unc": "refcoco", "unc+": "refcoco+", "Gref": "refcocog"}
+DEFAULT_SPLIT_BY = {"unc": "unc", "unc+": "unc", "Gref": "google"}
+REFERIT_SPLITS = ("trainval", "test", "train", "val", "all")
+DATASETS = ("unc", "unc+", "Gref", "referit")
+
+
+class UsageError(Exception):
+    """Bad command-line choice (unknown dataset, split or split-by)."""
+
+
+class BadSample(Exception):
+    """A sample's image or mask cannot be used: ``reason`` (short, for the summary counts) and ``detail``."""
+
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def output_name(dataset, split_by):
+    """Folder / file-prefix name: the dataset, or ``Gref_umd`` for RefCOCOg with the UMD partition."""
+    return "Gref_umd" if dataset == "Gref" and split_by == "umd" else dataset
+
+
+def is_train_split(split):
+    """The original's rule: resize-and-pad exactly when the substring 'train' occurs in the split name."""
+    return "train" in split
+
+
+def read_image(path):
+    """Decode a JPEG as stored (no EXIF rotation): uint8 [H, W] for grayscale, [H, W, 3] otherwise (modes other
+    than L and RGB are converted to RGB). Raises BadSample('missing image' / 'unreadable image')."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            return np.asarray(img)
+    except FileNotFoundError:
+        raise BadSample("missing image", path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSample("unreadable image", f"{path} ({e})") from None
+
+
+def process_pair(im, mask, train, size):
+    """The original's per-sample processing: (uint8 [H, W, 3] image, bool [H, W] mask).
+
+    Train: ``img_as_ubyte(resize_and_pad(im))`` and ``resize_and_pad(mask) > 0`` at size×size; otherwise the
+    inputs unchanged (mask > 0). A 2-D image is tiled to 3 channels afterwards.
+    """
+    if train:
+        im = im_proc.img_as_ubyte(im_proc.resize_and_pad(im, size, size))
+        mask = im_proc.resize_and_pad(mask, size, size)
+    if im.ndim == 2:
+        im = np.tile(im[:, :, np.newaxis], (1, 1, 3))
+    return im, mask > 0
+
+
+def save_npz_atomic(path, **arrays):
+    """``np.savez``-compatible uncompressed archive with fixed member timestamps, written to a temporary file in
+    the same folder and renamed onto ``path``; the temporary file is removed on any error."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, val in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o600 << 16
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(val), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load_unit_pair(unit):
+    """(image, float32 mask) of a work unit; BadSample on unusable files."""
+    im = read_image(unit["image"])
+    kind, src = unit["mask"]
+    try:
+        if kind == "coco":
+            mask = ann_to_mask(src, im.shape[0], im.shape[1])
+        else:
+            mask = load_referit_gt_mask(src)
+    except FileNotFoundError:
+        raise BadSample("missing mask", src) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadSample("unreadable mask", f"{src if kind != 'coco' else unit['image']} ({type(e).__name__}: {e})") from None
+    if mask.shape != im.shape[:2]:
+        raise BadSample("mask size mismatch", f"mask {mask.shape} vs image {im.shape[:2]} for {unit['image']}")
+    return im, mask
+
+
+def process_unit(unit, train, size):
+    """Write the missing files of one unit (one image + mask, several sentences).
+
+    ``unit``: dict(image=path, mask=('coco', segmentation) | ('referit', mat_path), samples=[(out_path, ids,
+    sentence)]). Returns (written, already_present, (reason, message) or None, n_bad).
+    """
+    todo = [s for s in unit["samples"] if not os.path.exists(s[0])]
+    present = len(unit["samples"]) - len(todo)
+    if not todo:
+        return 0, present, None, 0
+    try:
+        im, mask = process_pair(*_load_unit_pair(unit), train, size)
+    except BadSample as e:
+        return 0, present, (e.reason, str(e)), len(todo)
+    for out_path, ids, sent in todo:
+        save_npz_atomic(out_path, text_batch=np.array(ids, dtype=np.int64), im_batch=im, mask_batch=mask,
+                        sent_batch=np.array([sent]))
+    return len(todo), present, None, 0
+
+
+def _process_unit_star(args):
+    return process_unit(*args)
+
+
+def _tokenize_or_skip(sent, vocab, where, skipped):
+    """Token ids of ``sent`` or None (counted in ``skipped`` and logged) when it has no token."""
+    try:
+        return text_proc.preprocess_sentence(sent, vocab, T)
+    except ValueError:
+        skipped["empty sentence"] += 1
+        log.warning("skipping empty sentence (%s)", where)
+        return None
+
+
+def plan_coco(args, out_folder, prefix, vocab, skipped):
+    """Work units of a COCO dataset split: one per ref in ascending ref_id, numbered over its valid sentences."""
+    refer = Refer(args.refer_root, COCO_SOURCES[args.d], args.split_by)
+    units, n = [], 0
+    for ref_id in refer.ref_ids(args.t):
+        ref = refer.refs[ref_id]
+        ann = refer.anns.get(ref["ann_id"])
+        samples = []
+        for sentence in ref["sentences"]:
+            ids = _tokenize_or_skip(sentence["sent"], vocab, f"ref_id {ref_id}, sent_id {sentence.get('sent_id')}",
+                                    skipped)
+            if ids is None:
+                continue
+            samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sentence["sent"]))
+            n += 1
+        if ann is None:
+            skipped[f"annotation {ref['ann_id']} not in instances.json"] += len(samples)
+            continue
+        if samples:
+            units.append({"image": os.path.join(args.image_root, coco_image_name(ref["image_id"])),
+                          "mask": ("coco", ann["segmentation"]), "samples": samples})
+    return units
+
+
+def plan_referit(args, out_folder, prefix, vocab, skipped):
+    """Work units of a ReferIt split: one per region key in sorted order, numbered over its valid queries."""
+    query_dict = load_json(os.path.join(args.data_root, "data", f"referit_query_{args.t}.json"))
+    mask_dir = os.path.join(args.data_root, "data", "referit", "mask")
+    units, n = [], 0
+    for key in sorted(query_dict):
+        samples = []
+        for sent in query_dict[key]:
+            ids = _tokenize_or_skip(sent, vocab, f"region {key}", skipped)
+            if ids is None:
+                continue
+            samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sent))
+            n += 1
+        if samples:
+            units.append({"image": os.path.join(args.image_root, key.split("_", 1)[0] + ".jpg"),
+                          "mask": ("referit", os.path.join(mask_dir, key + ".mat")), "samples": samples})
+    return units
+
+
+def parse_args(argv):
+    """Command line → argparse namespace with every default path resolved (see ``--help``)."""
+    p = argparse.ArgumentParser(
+        description="Build one .npz per (referring expression, sentence) under "
+                    "<output-dir>/<name>/<split>_batch/<name>_<split>_<n>.npz.",
+        epilog="Output name: the dataset, except Gref_umd for '-d Gref --split-by umd' (Gref = the Google split).")
+    p.add_argument("-d", default="referit", help="dataset: unc, unc+, Gref or referit (default referit)")
+    p.add_argument("-t", default="trainval",
+                   help="split: unc/unc+ train|val|testA|testB; Gref google train|val, umd train|val|test; "
+                        "referit trainval|test (default trainval)")
+    p.add_argument("--split-by", default=None,
+                   help="REFER partition: unc for unc/unc+; google (default) or umd for Gref")
+    p.add_argument("--img-size", type=int, default=320, help="side of the padded training images (default 320)")
+    p.add_argument("--data-root", default=".",
+                   help="folder holding data/ and external/refer/data (default: current folder)")
+    p.add_argument("--image-root", default=None,
+                   help="image folder (default <data-root>/data/coco/images/train2014, or "
+                        "<data-root>/data/referit/images for referit)")
+    p.add_argument("--output-dir", default=".",
+                   help="where <name>/<split>_batch/ is created (default: current folder)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1)")
+    args = p.parse_args(argv)
+    if args.d not in DATASETS:
+        raise UsageError(f"unknown dataset {args.d!r} (choose from {', '.join(DATASETS)})")
+    if args.d == "referit":
+        if args.split_by is not None:
+            raise UsageError("--split-by applies to unc, unc+ and Gref only")
+        if args.t not in REFERIT_SPLITS:
+            raise UsageError(f"unknown split {args.t!r} for referit (choose from {', '.join(REFERIT_SPLITS)})")
+        args.image_root = args.image_root or os.path.join(args.data_root, "data", "referit", "images")
+    else:
+        args.split_by = args.split_by or DEFAULT_SPLIT_BY[args.d]
+        key = (COCO_SOURCES[args.d], args.split_by)
+        if key not in SPLITS:
+            raise UsageError(f"unknown --split-by {args.split_by!r} for {args.d}")
+        if args.t not in SPLITS[key]:
+            raise UsageError(f"unknown split {args.t!r} for {args.d} ({args.split_by}) "
+                             f"(choose from {', '.join(SPLITS[key])})")
+        args.image_root = args.image_root or os.path.join(args.data_root, "data", "coco", "images", "train2014")
+        args.refer_root = os.path.join(args.data_root, "external", "refer", "data")
+    if args.img_size < 1 or args.jobs < 1:
+        raise UsageError("--img-size and -j must be positive")
+    return args
+
+
+def run(args):
+    """Plan, process (in ``args.jobs`` processes) and summarise; returns the summary Counter."""
+    name = output_name(args.d, args.split_by)
+    out_folder = os.path.join(args.output_dir, name, f"{args.t}_batch")
+    prefix = f"{name}_{args.t}"
+    vocab_name = "referit" if args.d == "referit" else "Gref"
+    vocab_path = os.path.join(args.data_root, "data", f"vocabulary_{vocab_name}.txt")
+    if not os.path.isfile(vocab_path):
+        raise AnnotationError(f"vocabulary file not found: {vocab_path}")
+    vocab = text_proc.load_vocab_dict_from_file(vocab_path)
+    skipped = Counter()
+    plan = plan_referit if args.d == "referit" else plan_coco
+    units = plan(args, out_folder, prefix, vocab, skipped)
+    os.makedirs(out_folder, exist_ok=True)
+    train = is_train_split(args.t)
+    total = sum(len(u["samples"]) for u in units)
+    stats = Counter()
+    tasks = [(u, train, args.img_size) for u in units]
+    start = time.perf_counter()
+    from tqdm import tqdm
+    with tqdm(total=total, unit="sample", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+        if args.jobs == 1:
+            results = map(_process_unit_star, tasks)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(args.jobs)
+            results = pool.imap(_process_unit_star, tasks)
+        try:
+            for unit, (written, present, bad, n_bad) in zip(units, results):
+                stats["written"] += written
+                stats["present"] += present
+                if bad:
+                    log.warning("skipping %d sample(s): %s", n_bad, bad[1])
+                    skipped[bad[0]] += n_bad
+                    stats["gaps"] += n_bad
+                bar.update(written + present + n_bad)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    elapsed = time.perf_counter() - start
+    n_skipped = sum(skipped.values())
+    reasons = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
+    log.info("%s %s: %d samples written, %d already present, %d skipped%s in %.1f s (%.1f samples/s) -> %s",
+             name, args.t, stats["written"], stats["present"], n_skipped, f" ({reasons})" if reasons else "",
+             elapsed, stats["written"] / elapsed if elapsed > 0 else 0.0, out_folder)
+    if stats["gaps"]:
+        log.warning("%d sample numbers are unused because of bad images/masks; DataReader stops at the first gap: "
+                    "fix the files and re-run (existing files are kept)", stats["gaps"])
+    stats["skipped"] = n_skipped
+    return stats
+
+
+def main(argv=None):
+    """CLI entry point: 0 on success (skipped samples included), 1 when the annotations cannot be read, 2 on a
+    bad command line. Messages go to stderr through logging, one line each."""
+    logging.basicConfig(level=logging.INFO, format="build_batches: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        run(args)
+    except AnnotationError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
