@@ -53,7 +53,7 @@ class TF1Adam(tf.Module):
     def __init__(self, variables, start_lr, decay_steps, step_name, scope="text_objseg",
                  beta1=0.9, beta2=0.999, epsilon=1e-8):
         super().__init__(name="tf1_adam")
-        self.variables = dict(variables)
+        self.params = dict(variables)
         self.start_lr, self.decay_steps = start_lr, decay_steps
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         self.step_name, self.scope = step_name, scope
@@ -61,16 +61,16 @@ class TF1Adam(tf.Module):
         self.beta1_power = tf.Variable(beta1, trainable=False, name=f"{scope}/beta1_power")
         self.beta2_power = tf.Variable(beta2, trainable=False, name=f"{scope}/beta2_power")
         self.m = {n: tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"{scope}/{n}/Adam")
-                  for n, v in self.variables.items()}
+                  for n, v in self.params.items()}
         self.v = {n: tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"{scope}/{n}/Adam_1")
-                  for n, v in self.variables.items()}
+                  for n, v in self.params.items()}
 
     def tf1_variables(self):
         """{TF1 name: tf.Variable} of the optimizer state (step, beta powers, slots)."""
         out = {self.step_name: self.step,
                f"{self.scope}/beta1_power": self.beta1_power,
                f"{self.scope}/beta2_power": self.beta2_power}
-        for n in self.variables:
+        for n in self.params:
             out[f"{self.scope}/{n}/Adam"] = self.m[n]
             out[f"{self.scope}/{n}/Adam_1"] = self.v[n]
         return out
@@ -84,7 +84,7 @@ class TF1Adam(tf.Module):
         alpha = lr * tf.sqrt(1.0 - self.beta2_power) / (1.0 - self.beta1_power)
         for name, grad in grads.items():
             grad = tf.convert_to_tensor(grad)
-            var, m, v = self.variables[name], self.m[name], self.v[name]
+            var, m, v = self.params[name], self.m[name], self.v[name]
             m.assign_add((grad - m) * (1.0 - self.beta1))
             v.assign_add((tf.square(grad) - v) * (1.0 - self.beta2))
             var.assign_sub((m * alpha) / (tf.sqrt(v) + self.epsilon))
