@@ -27,9 +27,10 @@ class AnnotationError(Exception):
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves no globals except ``builtins.set`` / ``builtins.frozenset``."""
+    """Unpickler that resolves no globals except ``set`` / ``frozenset`` (py3 ``builtins`` or py2 ``__builtin__``)."""
 
-    _ALLOWED = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset}
+    _ALLOWED = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+                ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset}
 
     def find_class(self, module, name):
         try:
