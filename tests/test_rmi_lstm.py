@@ -74,16 +74,11 @@ def head(golden_dir, model):
 
 
 class TF1AdamWorkaround(TF1Adam):
-    """Local workarounds for two bugs of util/optim.py ``TF1Adam`` (drop them once optim.py is fixed):
-
-    - ``__init__`` assigns ``self.variables``, ``tf.Module``'s read-only property (AttributeError); this class
-      attribute shadows the property.
-    - ``apply_gradients`` computes ``1.0 - beta`` in Python double, while TF1's ApplyAdam kernel computes
-      ``1 - beta`` in float32 (``1 - 0.999f`` = 0.00099998713, 1.3e-5 below 0.001: every ``Adam_1`` slot was
-      1.3e-5 relative off). Passing the betas already rounded to float32 makes the double arithmetic exact.
+    """Local workaround for util/optim.py ``TF1Adam.apply_gradients`` (drop it once optim.py is fixed): it computes
+    ``1.0 - beta`` in Python double, while TF1's ApplyAdam kernel computes ``1 - beta`` in float32
+    (``1 - 0.999f`` = 0.00099998713, 1.3e-5 below 0.001, so every ``Adam_1`` slot was 1.3e-5 relative off).
+    Passing the betas already rounded to float32 makes the double arithmetic exact.
     """
-
-    variables = None
 
     def __init__(self, variables, start_lr, decay_steps, step_name):
         super().__init__(variables, start_lr, decay_steps, step_name,
