@@ -230,7 +230,11 @@ def parse_args(argv):
     p.add_argument("--output-dir", default=".",
                    help="where <name>/<split>_batch/ is created (default: current folder)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--make-sample", metavar="DIR", default=None,
+                   help="only write the deterministic sample dataset (util/sample_data.py) under DIR and exit")
     args = p.parse_args(argv)
+    if args.make_sample:
+        return args
     if args.d not in DATASETS:
         raise UsageError(f"unknown dataset {args.d!r} (choose from {', '.join(DATASETS)})")
     if args.d == "referit":
@@ -316,6 +320,11 @@ def main(argv=None):
     except UsageError as e:
         log.error("%s", e)
         return 2
+    if args.make_sample:
+        from util.sample_data import make_sample
+        make_sample(args.make_sample)
+        log.info("sample dataset written under %s (use --data-root %s)", args.make_sample, args.make_sample)
+        return 0
     try:
         run(args)
     except AnnotationError as e:

@@ -67,8 +67,10 @@ def test_referit_content(sample):
     assert emb.dtype == np.float32 and emb.shape == (n_lines, 300) and not emb[0].any()
 
 
-def test_deterministic(sample, tmp_path):
-    again = make_sample(str(tmp_path / "again"))
+def test_deterministic_via_cli(sample, tmp_path):
+    import build_batches
+    again = str(tmp_path / "again")
+    assert build_batches.main(["--make-sample", again]) == 0
     cmp = filecmp.dircmp(sample, again)
     def check(c):
         assert not c.left_only and not c.right_only and not c.diff_files, (c.left, c.diff_files)
