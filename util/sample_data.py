@@ -218,9 +218,21 @@ def _make_coco(root, rng):
     return all_sents
 
 
+def _save_mat(path, segimg_t):
+    """MATLAB 5 file with variable ``segimg_t``; the 116-byte text header (which scipy stamps with the current
+    time) is replaced by a fixed one so that the file is reproducible."""
+    import io
+    import scipy.io
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"segimg_t": segimg_t})
+    data = buf.getvalue()
+    header = b"MATLAB 5.0 MAT-file, written by util/sample_data.py".ljust(116)
+    with open(path, "wb") as f:
+        f.write(header + data[116:])
+
+
 def _make_referit(root, rng):
     """ReferIt images, .mat masks and the trainval/test query files; returns all queries."""
-    import scipy.io
     img_dir = os.path.join(root, "data", "referit", "images")
     mask_dir = os.path.join(root, "data", "referit", "mask")
     os.makedirs(img_dir, exist_ok=True)
@@ -237,7 +249,7 @@ def _make_referit(root, rng):
             draw = ImageDraw.Draw(canvas)
             for p in obj["polygons"]:
                 draw.polygon(p, fill=0)
-            scipy.io.savemat(os.path.join(mask_dir, key + ".mat"), {"segimg_t": np.asarray(canvas, np.uint8)})
+            _save_mat(os.path.join(mask_dir, key + ".mat"), np.asarray(canvas, np.uint8))
             qs = [_noun(obj), f"{obj['shape']} on the {_position(obj, scene)}"]
             if i == 2 and k == 0:
                 qs.append(".")
