@@ -54,8 +54,7 @@ class LSTMHead(layers.TF1Module):
             self.add_conv(f"{SCOPE}/conv0", 1, vf_dim, v_emb_dim)
         self.add_variable(f"{SCOPE}/embedding", self._rng.uniform(
             -EMBEDDING_INIT_SCALE, EMBEDDING_INIT_SCALE, size=(vocab_size, w_emb_dim)))
-        self.add_variable(f"{LSTM_SCOPE}/kernel", layers.glorot_uniform((w_emb_dim + rnn_size, 4 * rnn_size), self._rng))
-        self.add_variable(f"{LSTM_SCOPE}/bias", np.zeros(4 * rnn_size))
+        add_basic_lstm(self, LSTM_SCOPE, w_emb_dim, rnn_size)
         self.add_conv(f"{SCOPE}/conv1", 1, v_emb_dim + rnn_size + 8, mlp_dim)
         self.add_conv(f"{SCOPE}/conv2", 1, mlp_dim, 1)
 
@@ -65,14 +64,6 @@ class LSTMHead(layers.TF1Module):
         if self.weights == "deeplab":
             visual = self.conv(f"{SCOPE}/conv0", visual)
         return layers.l2_normalize(visual, axis=3)
-
-    def sentence_feature(self, words, dtype):
-        """Word LSTM (scope ``RNN``) over the pad-skipped tokens → l2-normalised last h tiled to [B, vf_h, vf_w, rnn]."""
-        embedded = tf.cast(tf.gather(self.tf1[f"{SCOPE}/embedding"], words), dtype)
-        _, _, h = layers.word_lstm(embedded, words, self.tf1[f"{LSTM_SCOPE}/kernel"],
-                                   self.tf1[f"{LSTM_SCOPE}/bias"], self.rnn_size)
-        lang = layers.l2_normalize(h[:, None, None, :], axis=3)
-        return tf.tile(lang, [1, self.vf_h, self.vf_w, 1])
 
     def spatial_feature(self, batch, dtype):
         """The 8 coordinate channels ``generate_spatial_batch`` [B, vf_h, vf_w, 8]."""
@@ -85,7 +76,7 @@ class LSTMHead(layers.TF1Module):
         Returns {pred [B,vf_h,vf_w,1] logits, up [B,H,W,1] legacy-upsampled logits, sigm [B,H,W,1]}.
         """
         visual = self.visual_feature(features)
-        lang = self.sentence_feature(words, visual.dtype)
+        lang = sentence_feature(self, words, visual.dtype)
         spatial = self.spatial_feature(tf.shape(visual)[0], visual.dtype)
         feat_all = tf.concat([visual, lang, spatial], axis=3)
         mlp = tf.nn.relu(self.conv(f"{SCOPE}/conv1", feat_all))
@@ -96,6 +87,22 @@ class LSTMHead(layers.TF1Module):
     def losses(self, outputs, target_fine):
         """``cls_loss``: weighed_logistic_loss(pred, resize_bilinear(target_fine, [vf_h, vf_w])) in float32."""
         return {"cls_loss": downsampled_logistic_loss(outputs["pred"], target_fine, self.vf_h, self.vf_w)}
+
+
+def add_basic_lstm(module, scope, input_dim, units):
+    """``BasicLSTMCell`` variables under ``scope``: kernel [input+units, 4·units] (Glorot uniform), bias (0)."""
+    module.add_variable(f"{scope}/kernel", layers.glorot_uniform((input_dim + units, 4 * units), module._rng))
+    module.add_variable(f"{scope}/bias", np.zeros(4 * units))
+
+
+def sentence_feature(head, words, dtype):
+    """``embedding`` lookup and the word LSTM (scope ``RNN``) over the pad-skipped tokens; its last h,
+    l2-normalised, tiled to [B, vf_h, vf_w, rnn_size] (LSTM baseline and RRN)."""
+    embedded = tf.cast(tf.gather(head.tf1[f"{SCOPE}/embedding"], words), dtype)
+    _, _, h = layers.word_lstm(embedded, words, head.tf1[f"{LSTM_SCOPE}/kernel"], head.tf1[f"{LSTM_SCOPE}/bias"],
+                               head.rnn_size)
+    lang = layers.l2_normalize(h[:, None, None, :], axis=3)
+    return tf.tile(lang, [1, head.vf_h, head.vf_w, 1])
 
 
 def downsampled_logistic_loss(pred, target_fine, vf_h, vf_w):

@@ -12,17 +12,18 @@ Per token n (pads, id 0 at any position, leave ALL recurrent states unchanged), 
   ALSTM  (``RNN/ALSTM/multi_rnn_cell/cell_0/basic_lstm_cell``, mlp_dim units, at every position): h_a = LSTM(x, state_a)
 
 Then z = ½(ln(1.001 + h_a) − ln(1.001 − h_a)) (an ε-regularised atanh undoing the LSTM's output tanh),
-``mult_state`` = channel mean of the legacy-upsampled z (diagnostic only), pred = ``conv2``(ReLU(z)) [B,vf_h,vf_w,1],
-up = legacy bilinear upsampling to [H, W], sigm = σ(up). No ``conv1`` in RMI. Loss as the LSTM baseline.
+``mult_state`` = channel mean of the legacy-upsampled z [B, H, W] (diagnostic only),
+pred = ``conv2``(ReLU(z)) [B,vf_h,vf_w,1], up = legacy bilinear upsampling to [H, W], sigm = σ(up).
+No ``conv1`` in RMI. Loss as the LSTM baseline.
 
 The original hard-wires batch 1 (``tf.cond(words[0, n] == 0, …)``); here the pad skip is a per-sample ``tf.where``
 on state_w, state_a and h_a, so each sample of a batch gets exactly what batch 1 gives.
 """
-import numpy as np
 import tensorflow as tf
 
 from models import layers
-from models.lstm_baseline import (EMBEDDING_INIT_SCALE, SCOPE, VISUAL_FEATURES, downsampled_logistic_loss)
+from models.lstm_baseline import (EMBEDDING_INIT_SCALE, SCOPE, VISUAL_FEATURES, add_basic_lstm,
+                                  downsampled_logistic_loss)
 from util.image import generate_spatial_batch
 
 WLSTM_SCOPE = f"{SCOPE}/RNN/WLSTM/multi_rnn_cell/cell_0/basic_lstm_cell"
@@ -31,9 +32,22 @@ ATANH_EPSILON_ONE = 1.0 + 1e-3
 
 
 def regularized_atanh(x):
-    """``0.5 · (log(1.001 + x) − log(1.001 − x))`` with the constant folded to float32 1.001, as the original."""
-    one = tf.constant(ATANH_EPSILON_ONE, x.dtype)
-    return 0.5 * (tf.math.log(one + x) - tf.math.log(one - x))
+    """``0.5 · (log(1.001 + x) − log(1.001 − x))`` with the constant folded to float32 1.001, as the original.
+
+    Computed in float32 (in bfloat16 1.001 rounds to 1 and tanh outputs of ±1 would give ±inf); returns x's dtype.
+    """
+    x32 = tf.cast(x, tf.float32)
+    one = tf.constant(ATANH_EPSILON_ONE, tf.float32)
+    return tf.cast(0.5 * (tf.math.log(one + x32) - tf.math.log(one - x32)), x.dtype)
+
+
+def mult_state(z, size):
+    """The original's diagnostic ``reduce_mean(resize_bilinear(z, size), axis=3)`` [B, H, W].
+
+    Bilinear resizing is linear with the same weights for every channel, so the channel mean is taken first
+    (mathematically equal, ~1e-7 rounding apart, and mlp_dim times less work than upsampling all channels).
+    """
+    return layers.resize_bilinear_legacy(tf.reduce_mean(z, axis=3, keepdims=True), size)[..., 0]
 
 
 class RMIHead(layers.TF1Module):
@@ -63,14 +77,9 @@ class RMIHead(layers.TF1Module):
             self.add_conv(f"{SCOPE}/conv0", 1, vf_dim, v_emb_dim)
         self.add_variable(f"{SCOPE}/embedding", self._rng.uniform(
             -EMBEDDING_INIT_SCALE, EMBEDDING_INIT_SCALE, size=(vocab_size, w_emb_dim)))
-        self._add_lstm(WLSTM_SCOPE, w_emb_dim, rnn_size)
-        self._add_lstm(ALSTM_SCOPE, v_emb_dim + w_emb_dim + rnn_size + 8, mlp_dim)
+        add_basic_lstm(self, WLSTM_SCOPE, w_emb_dim, rnn_size)
+        add_basic_lstm(self, ALSTM_SCOPE, v_emb_dim + w_emb_dim + rnn_size + 8, mlp_dim)
         self.add_conv(f"{SCOPE}/conv2", 1, mlp_dim, 1)
-
-    def _add_lstm(self, scope, input_dim, units):
-        """``BasicLSTMCell`` variables: kernel [input+units, 4·units] (Glorot uniform), bias [4·units] (0)."""
-        self.add_variable(f"{scope}/kernel", layers.glorot_uniform((input_dim + units, 4 * units), self._rng))
-        self.add_variable(f"{scope}/bias", np.zeros(4 * units))
 
     def _lstm_step(self, scope, x, c, h):
         return layers.basic_lstm_cell(x, c, h, self.tf1[f"{scope}/kernel"], self.tf1[f"{scope}/bias"])
@@ -123,10 +132,9 @@ class RMIHead(layers.TF1Module):
         """
         visual = self.visual_feature(features)
         lstm_output = regularized_atanh(self.recurrent_interaction(visual, words))
-        mult_state = tf.reduce_mean(layers.resize_bilinear_legacy(lstm_output, [self.H, self.W]), axis=3)
         pred = self.conv(f"{SCOPE}/conv2", tf.nn.relu(lstm_output))
         up = layers.resize_bilinear_legacy(pred, [self.H, self.W])
-        return {"pred": pred, "up": up, "sigm": tf.sigmoid(up), "mult_state": mult_state}
+        return {"pred": pred, "up": up, "sigm": tf.sigmoid(up), "mult_state": mult_state(lstm_output, [self.H, self.W])}
 
     def losses(self, outputs, target_fine):
         """``cls_loss``: weighed_logistic_loss(pred, resize_bilinear(target_fine, [vf_h, vf_w])) in float32."""

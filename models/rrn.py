@@ -15,13 +15,12 @@ Data flow (full size; B samples, 40×40 features at output stride 8), all under 
 
 Loss: per-sample SUM over all H×W pixels of sigmoid cross-entropy of ``up`` against ``target_fine`` (full resolution,
 unlike RMI/LSTM), mean over the batch. The original runs the ConvLSTM on batch element 0 only and reads only
-``words[0]`` for the pad skip; here every sample is processed on its own (per-sample pad masking, per-sample layer norm).
+``words[0]`` for the pad skip; here every sample is processed on its own (per-sample pad masking and layer norm).
 """
-import numpy as np
 import tensorflow as tf
 
 from models import layers
-from models.lstm_baseline import EMBEDDING_INIT_SCALE, LSTM_SCOPE, SCOPE
+from models.lstm_baseline import EMBEDDING_INIT_SCALE, LSTM_SCOPE, SCOPE, add_basic_lstm, sentence_feature
 from util.image import generate_spatial_batch
 
 C4_CHANNELS = 1024
@@ -52,8 +51,7 @@ class RRNHead(layers.TF1Module):
         self.add_conv(f"{SCOPE}/mlp0", 1, vf_dim, v_emb_dim)
         self.add_variable(f"{SCOPE}/embedding", self._rng.uniform(
             -EMBEDDING_INIT_SCALE, EMBEDDING_INIT_SCALE, size=(vocab_size, w_emb_dim)))
-        self.add_variable(f"{LSTM_SCOPE}/kernel", layers.glorot_uniform((w_emb_dim + rnn_size, 4 * rnn_size), self._rng))
-        self.add_variable(f"{LSTM_SCOPE}/bias", np.zeros(4 * rnn_size))
+        add_basic_lstm(self, LSTM_SCOPE, w_emb_dim, rnn_size)
         self.add_conv(f"{SCOPE}/fusion", 1, v_emb_dim + rnn_size + 8, mlp_dim)
         self.add_conv(f"{SCOPE}/c5_lateral", 1, vf_dim, mlp_dim)
         self.add_conv(f"{SCOPE}/c4_lateral", 1, C4_CHANNELS, mlp_dim)
@@ -62,18 +60,10 @@ class RRNHead(layers.TF1Module):
                                             scope=f"{SCOPE}/rnn/conv_lstm_cell")
         self.add_conv(f"{SCOPE}/score", SCORE_KERNEL, mlp_dim, 1)
 
-    def sentence_feature(self, words, dtype):
-        """Word LSTM (scope ``RNN``), pads skipped → l2-normalised last h tiled to [B, vf_h, vf_w, rnn]."""
-        embedded = tf.cast(tf.gather(self.tf1[f"{SCOPE}/embedding"], words), dtype)
-        _, _, h = layers.word_lstm(embedded, words, self.tf1[f"{LSTM_SCOPE}/kernel"],
-                                   self.tf1[f"{LSTM_SCOPE}/bias"], self.rnn_size)
-        lang = layers.l2_normalize(h[:, None, None, :], axis=3)
-        return tf.tile(lang, [1, self.vf_h, self.vf_w, 1])
-
     def multimodal_fusion(self, res5c, words):
         """t0 input: ReLU(``fusion``(concat[l2n(``mlp0``(res5c)), lang, spatial])) [B, vf_h, vf_w, mlp]."""
         visual = layers.l2_normalize(self.conv(f"{SCOPE}/mlp0", res5c), axis=3)
-        lang = self.sentence_feature(words, visual.dtype)
+        lang = sentence_feature(self, words, visual.dtype)
         spatial = tf.constant(generate_spatial_batch(1, self.vf_h, self.vf_w), visual.dtype)
         spatial = tf.tile(spatial, [tf.shape(visual)[0], 1, 1, 1])
         return tf.nn.relu(self.conv(f"{SCOPE}/fusion", tf.concat([visual, lang, spatial], axis=3)))
