@@ -67,7 +67,7 @@ class Segmenter(tf.Module):
         out = dict(self.head.tf1_variables())
         out.update({n: v for n, v in self.backbone.tf1_variables().items() if n.startswith("ResNet/fc1000")})
         if conv5:
-            out.update(self.backbone.conv5_variables())
+            out.update({v.name.split(":")[0]: v for v in self.backbone.conv5_variables()})
         return out
 
 

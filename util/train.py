@@ -17,7 +17,8 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
       forward: fn(inputs) -> outputs dict (the model's forward pass).
       losses_fn: fn(outputs, target_fine) -> dict of classification losses (float32 scalars).
       objective: key of the loss that is optimised (``cls_loss``; CMPC ``cls_loss_all``).
-      train_vars: {TF1 name: tf.Variable} that are updated (the original's ``tvars``).
+      train_vars: {TF1 name: tf.Variable} that are updated (the original's ``tvars``); watched explicitly, so frozen
+        (non-trainable) backbone kernels selected by ``-conv5`` get gradients and nothing else is differentiated.
       optimizer: ``util.optim.TF1Adam`` over the same variables.
     Returns:
       step(inputs, target_fine) -> (losses, outputs): losses before the update plus ``reg_loss``, ``cost`` and the
@@ -27,7 +28,8 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
     var_list = [train_vars[n] for n in names]
 
     def step(inputs, target_fine):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(var_list)
             outputs = forward(inputs)
             losses = dict(losses_fn(outputs, target_fine))
             losses["reg_loss"] = l2_regularization(train_vars, weight_decay)
