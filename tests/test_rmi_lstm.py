@@ -191,3 +191,15 @@ def test_pad_in_the_middle_is_skipped(head, golden):
     padded[0, -len(compact) - 3:] = np.insert(compact, [2, 2, 5], 0)
     features = {"res5c_relu": tf.constant(golden["visual_res5c"])}
     assert_close("pad in the middle", head(features, tf.constant(padded))["pred"].numpy(), golden["pred"])
+
+
+@pytest.mark.parametrize("weights", ["deeplab", "resnet"])
+def test_full_size_variable_lists(golden_dir, model, weights):
+    """Full-size heads (default kwargs, COCO vocabulary) hold exactly the ``text_objseg`` variables of the original
+    eval graphs, in creation order; with ``weights='resnet'`` there is no ``conv0`` and fc1000 is the input."""
+    listing = (golden_dir / "rmi_lstm_varlists" / f"vars_{model}_{weights}_eval.txt").read_text().splitlines()
+    expected = [(name, ast.literal_eval(shape)) for name, shape, *_ in (line.split("\t") for line in listing)
+                if name.startswith("text_objseg/")]
+    head = HEADS[model](vocab_size=12112, weights=weights)
+    assert [(n, v.shape.as_list()) for n, v in head.tf1_variables().items()] == expected
+    assert head.FEATURES == {"deeplab": ("res5c_relu",), "resnet": ("fc1000",)}[weights]
