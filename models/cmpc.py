@@ -34,6 +34,7 @@ from util.image import generate_spatial_batch
 SCOPE = "text_objseg"
 LSTM_SCOPE = f"{SCOPE}/RNN/multi_rnn_cell/cell_0/basic_lstm_cell"
 LEVELS = ("c5", "c4", "c3")                  # build order of the per-level CMPC modules
+LATERAL_SOURCES = {"c5": "res5c_relu", "c4": "res4b22_relu", "c3": "res3b3_relu"}
 EXCHANGE_ORDER = ("c3", "c4", "c5")          # TGFE order, also the ConvLSTM's time order
 EXCHANGE_ROUNDS = ("", "_2")                 # scope suffixes of the two TGFE rounds
 MUTAN_RANK = 5
@@ -143,7 +144,7 @@ class CMPCHead(layers.TF1Module):
         {pred [B,vf_h,vf_w,1] logits, up, sigm, up_c3, up_c4, up_c5 [B,H,W,1]}."""
         words = tf.convert_to_tensor(words, tf.int32)
         maps = {name: tf.convert_to_tensor(features[name]) for name in self.FEATURES}
-        dtype = maps["res5c_relu"].dtype
+        dtype = maps[LATERAL_SOURCES["c5"]].dtype
         mask = first_word_mask(words)
         words_feat = self.word_encoder(words, dtype)
         word_types = self.lang_parser(words_feat)
@@ -194,8 +195,8 @@ class CMPCHead(layers.TF1Module):
 
     def laterals(self, maps):
         """``c5/c4/c3_lateral``: 1×1 conv to v_emb_dim, then l2n over channels → {level: [B, vf_h, vf_w, C]}."""
-        sources = {"c5": "res5c_relu", "c4": "res4b22_relu", "c3": "res3b3_relu"}
-        return {level: layers.l2_normalize(self.conv(_scoped(f"{level}_lateral"), maps[sources[level]]), axis=3)
+        return {level: layers.l2_normalize(self.conv(_scoped(f"{level}_lateral"), maps[LATERAL_SOURCES[level]]),
+                                           axis=3)
                 for level in LEVELS}
 
     def lang2vis(self, level, visual, words_feat, word_types, q_ea, spatial, mask):

@@ -163,7 +163,10 @@ def third_case(npz):
 def test_batch_equals_per_sample(golden, head):
     npz = golden["npz"]
     cases = [case_inputs(npz, 0), case_inputs(npz, 1), third_case(npz)]
-    forward = tf.function(lambda features, words: head(features, words))
+    # One trace for every batch size, no AutoGraph: the forward has no Python branching on tensor values.
+    spec = {name: tf.TensorSpec([None, *value.shape[1:]], tf.float32) for name, value in cases[0][0].items()}
+    forward = tf.function(head.__call__, autograph=False,
+                          input_signature=[spec, tf.TensorSpec([None, head.num_steps], tf.int32)])
     batched = forward({name: np.concatenate([c[0][name] for c in cases]) for name in CMPCHead.FEATURES},
                       np.concatenate([c[1] for c in cases]))
     for i, (features, words) in enumerate(cases):
