@@ -73,21 +73,10 @@ def head(golden_dir, model):
     return head
 
 
-class TF1AdamWorkaround(TF1Adam):
-    """Local workaround for util/optim.py ``TF1Adam.apply_gradients`` (drop it once optim.py is fixed): it computes
-    ``1.0 - beta`` in Python double, while TF1's ApplyAdam kernel computes ``1 - beta`` in float32
-    (``1 - 0.999f`` = 0.00099998713, 1.3e-5 below 0.001, so every ``Adam_1`` slot was 1.3e-5 relative off).
-    Passing the betas already rounded to float32 makes the double arithmetic exact.
-    """
-
-    def __init__(self, variables, start_lr, decay_steps, step_name):
-        super().__init__(variables, start_lr, decay_steps, step_name,
-                         beta1=float(np.float32(0.9)), beta2=float(np.float32(0.999)))
-
 
 def make_optimizer(head, model):
     cls = HEADS[model]
-    return TF1AdamWorkaround(head.tf1_variables(), start_lr=START_LR, decay_steps=cls.LR_DECAY_STEPS,
+    return TF1Adam(head.tf1_variables(), start_lr=START_LR, decay_steps=cls.LR_DECAY_STEPS,
                              step_name=cls.STEP_NAME)
 
 

@@ -48,16 +48,6 @@ def assert_close(label, actual, ref, tol=TOL):
     assert rel <= tol, f"{label}: max|diff| = {rel:.3g} × max|ref| > {tol}"
 
 
-class TF1AdamWorkaround(TF1Adam):
-    """Local workaround for util/optim.py ``TF1Adam.apply_gradients`` (drop it once optim.py is fixed): it computes
-    ``1.0 - beta`` in Python double, while TF1's ApplyAdam kernel computes ``1 - beta`` in float32
-    (``1 - 0.999f`` = 0.00099998713, 1.3e-5 below 0.001). Passing the betas rounded to float32 makes it exact.
-    """
-
-    def __init__(self, variables, start_lr, decay_steps, step_name):
-        super().__init__(variables, start_lr, decay_steps, step_name,
-                         beta1=float(np.float32(0.9)), beta2=float(np.float32(0.999)))
-
 
 @pytest.fixture(scope="module")
 def rrn_dir(golden_dir):
@@ -89,7 +79,7 @@ def case_inputs(golden, case):
 
 
 def make_optimizer(head):
-    return TF1AdamWorkaround(head.tf1_variables(), start_lr=START_LR, decay_steps=RRNHead.LR_DECAY_STEPS,
+    return TF1Adam(head.tf1_variables(), start_lr=START_LR, decay_steps=RRNHead.LR_DECAY_STEPS,
                              step_name=RRNHead.STEP_NAME)
 
 

@@ -6,6 +6,7 @@ training snapshot of the originals resumes with its optimizer state: ``text_objs
 ``text_objseg/<variable name>/Adam`` (m) and ``/Adam_1`` (v) — note the doubled prefix for head variables — and the
 float32 step counter (``text_objseg/Variable`` for RMI/LSTM/RRN, ``text_objseg/Variable_1`` for CMPC).
 """
+import numpy as np
 import tensorflow as tf
 
 END_LEARNING_RATE = 1e-5
@@ -55,7 +56,8 @@ class TF1Adam(tf.Module):
         super().__init__(name="tf1_adam")
         self.params = dict(variables)
         self.start_lr, self.decay_steps = start_lr, decay_steps
-        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        # TF1 holds β1, β2, ε as float32 tensors: 1 − β2 is 1 − 0.999f = 0.00099998713, not 0.001.
+        self.beta1, self.beta2, self.epsilon = (float(np.float32(b)) for b in (beta1, beta2, epsilon))
         self.step_name, self.scope = step_name, scope
         self.step = tf.Variable(0.0, trainable=False, name=step_name)
         self.beta1_power = tf.Variable(beta1, trainable=False, name=f"{scope}/beta1_power")
