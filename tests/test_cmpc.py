@@ -18,17 +18,6 @@ OUTPUTS = ("pred", "up", "sigm", "up_c3", "up_c4", "up_c5")
 LOSSES = ("cls_loss", "cls_loss_c3", "cls_loss_c4", "cls_loss_c5", "cls_loss_all", "reg_loss", "cost", "learning_rate")
 REL_TOL = 1e-5
 START_LR = 2.5e-4
-# TF1's Adam computes (1 − β) in float32 (1 − 0.999f = 9.9998713e-4); passing the float32-rounded betas gives
-# util/optim.py's float64 ``1.0 - beta`` the same value (see TF1AdamWorkaround).
-TF1_BETAS = {"beta1": float(np.float32(0.9)), "beta2": float(np.float32(0.999))}
-
-
-class TF1AdamWorkaround(TF1Adam):
-    """Local workaround: util/optim.py ``TF1Adam.__init__`` assigns ``self.variables``, which is ``tf.Module``'s
-    read-only property (AttributeError). This class attribute shadows the property; drop it once optim.py renames
-    the attribute."""
-
-    variables = None
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +107,8 @@ def test_golden_train_step(golden):
     npz, tol = golden["npz"], golden["tol"]
     head = build_head(golden)
     before = {name: var.numpy() for name, var in head.tf1_variables().items()}
-    opt = TF1AdamWorkaround(head.tf1_variables(), start_lr=START_LR, decay_steps=CMPCHead.LR_DECAY_STEPS,
-                            step_name=CMPCHead.STEP_NAME, **TF1_BETAS)
+    opt = TF1Adam(head.tf1_variables(), start_lr=START_LR, decay_steps=CMPCHead.LR_DECAY_STEPS,
+                  step_name=CMPCHead.STEP_NAME)
     step = make_train_step(lambda inp: head(*inp), head.losses, CMPCHead.OBJECTIVE, head.tf1_variables(), opt)
     features, words = case_inputs(npz, 0)
     losses, _ = step((features, words), npz["train_target_fine"])
