@@ -15,6 +15,7 @@ Variables live in ``Backbone.vars``, keyed by their DrSleep TF1 name (``conv1/we
 ``res4b22_branch2c/weights``, …), which is also each variable's TF name. The other two naming schemes (TF-deeplab,
 TF-resnet) and the Caffe-derived ``.npy`` files are translated in ``util/checkpoints.py``, never here.
 """
+import numpy as np
 import tensorflow as tf
 
 BN_EPSILON = 1e-3
@@ -64,6 +65,35 @@ def variable_shapes(fc1000=False):
         shapes[FC1000[0]] = (1, 1, 2048, 1000)
         shapes[FC1000[1]] = (1000,)
     return shapes
+
+
+def seeded_weights(seed=0, fc1000=False):
+    """Deterministic stand-in weights: the rule of ``golden/deeplab_backbone/README.md``.
+
+    One ``np.random.RandomState(seed)`` draws, in sorted name order and float64: kernels N(0,1)·sqrt(2 / fan_in),
+    moving_mean N(0,1)·0.1, moving_variance U(0.5, 1.5), gamma U(0.1, 0.3) for ``*branch2c`` scopes (keeps the
+    residual sums bounded) else U(0.8, 1.2), beta N(0,1)·0.1; cast to float32. With ``fc1000``: its kernel the same
+    way, its biases 0. Used by the golden tests (seed 0) and for training without pretrained weights
+    (``--init-weights random``).
+    """
+    rs = np.random.RandomState(seed)
+    out = {}
+    for name, shape in sorted(variable_shapes(fc1000).items()):
+        scope, param = name.rsplit("/", 1)
+        if param in ("weights", "DW"):
+            value = rs.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
+        elif param == "moving_mean":
+            value = rs.standard_normal(shape) * 0.1
+        elif param == "moving_variance":
+            value = rs.uniform(0.5, 1.5, shape)
+        elif param == "gamma":
+            value = rs.uniform(0.1, 0.3, shape) if scope.endswith("branch2c") else rs.uniform(0.8, 1.2, shape)
+        elif param == "beta":
+            value = rs.standard_normal(shape) * 0.1
+        else:
+            value = np.zeros(shape)
+        out[name] = value.astype(np.float32)
+    return out
 
 
 class Backbone(tf.Module):

@@ -93,9 +93,13 @@ def resize_bilinear_legacy(x, size):
 
 
 def l2_normalize(x, axis=None):
-    """TF1 ``tf.nn.l2_normalize(x, dim)``: x · rsqrt(max(Σx², 1e-12)). ``axis=None`` normalises over ALL axes."""
-    square_sum = tf.reduce_sum(tf.square(x), axis=axis, keepdims=True)
-    return x * tf.math.rsqrt(tf.maximum(square_sum, tf.cast(L2_NORMALIZE_EPSILON, x.dtype)))
+    """TF1 ``tf.nn.l2_normalize(x, dim)``: x · rsqrt(max(Σx², 1e-12)). ``axis=None`` normalises over ALL axes.
+
+    The sum and rsqrt run in float32 whatever the activation dtype: 1e-12 is 0 in float16, and an all-zero vector
+    (a pad word's feature) would give 0 · rsqrt(0) = NaN.
+    """
+    square_sum = tf.reduce_sum(tf.square(tf.cast(x, tf.float32)), axis=axis, keepdims=True)
+    return x * tf.cast(tf.math.rsqrt(tf.maximum(square_sum, L2_NORMALIZE_EPSILON)), x.dtype)
 
 
 def layer_norm(x, beta, gamma):

@@ -9,33 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.backbone import FC1000, FEATURES, Backbone, variable_shapes
+from models.backbone import FC1000, FEATURES, Backbone, seeded_weights, variable_shapes
 from util.checkpoints import CheckpointMismatch, load_backbone_weights, save_tf1_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_TOL = 1e-5  # × max|ref|, per feature map
 LETTERS = "abc"
-
-
-def seeded_weights(manifest):
-    """The weights of golden/deeplab_backbone/README.md: one RandomState(0), names sorted, float64 → float32."""
-    rs = np.random.RandomState(0)
-    out = {}
-    for name, shape in manifest:
-        scope, param = name.rsplit("/", 1)
-        if param == "weights":
-            value = rs.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
-        elif param == "moving_mean":
-            value = rs.standard_normal(shape) * 0.1
-        elif param == "moving_variance":
-            value = rs.uniform(0.5, 1.5, shape)
-        elif param == "gamma":
-            value = rs.uniform(0.1, 0.3, shape) if scope.endswith("branch2c") else rs.uniform(0.8, 1.2, shape)
-        else:
-            assert param == "beta", name
-            value = rs.standard_normal(shape) * 0.1
-        out[name] = value.astype(np.float32)
-    return out
 
 
 def chenxi_names():
@@ -71,7 +50,9 @@ def to_chenxi(weights, root, factor=None):
 def golden(golden_dir):
     folder = golden_dir / "deeplab_backbone"
     manifest = json.loads((folder / "manifest.json").read_text())["variables"]
-    return manifest, seeded_weights(manifest), np.load(folder / "golden_backbone.npz")
+    weights = seeded_weights(0)
+    assert list(weights) == [n for n, _ in manifest]  # the README draws in sorted-name order
+    return manifest, weights, np.load(folder / "golden_backbone.npz")
 
 
 @pytest.fixture(scope="module")

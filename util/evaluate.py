@@ -11,11 +11,14 @@ import os
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from tqdm import tqdm
 
+from models import build_model
 from util import data
 from util.crf import dense_crf
 from util.image import img_as_ubyte, resize_and_crop, resize_and_pad
 from util.metrics import SegmentationMetrics, write_json_atomic
+from util.snapshots import find_snapshot, restore_model
 
 SCORE_THRESHOLD = 1e-9
 log = logging.getLogger("test")
@@ -58,8 +61,6 @@ def save_visualization(folder, index, sample, prediction, suffix=""):
 
 def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True):
     """Evaluate ``model`` on the eval ``.npz`` files; returns (metrics, metrics with DenseCRF or None)."""
-    from tqdm import tqdm
-
     forward = tf.function(lambda images, words: model(images, words))
     metrics, metrics_crf = SegmentationMetrics(), (SegmentationMetrics() if dcrf else None)
     bar = tqdm(total=len(files), desc="test", unit="sample", disable=not progress)
@@ -88,9 +89,6 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
 
 def test(cfg):
     """The originals' ``test()``: restore ``-i`` of ``-f``, evaluate ``-d``/``-t``, print the block, write JSON."""
-    from models import build_model
-    from util.snapshots import find_snapshot, restore_model
-
     files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
     model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
                         image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)

@@ -1,9 +1,21 @@
 """Training: one ``tf.function`` step with the originals' objective, and the training loop."""
 import logging
+import time
 
+import numpy as np
 import tensorflow as tf
 
-from util.optim import WEIGHT_DECAY, gradient_multiplier, is_regularized, l2_regularization
+from models import build_model
+from models.backbone import seeded_weights
+from models.layers import resize_bilinear_legacy
+from util import data
+from util.checkpoints import load_backbone_weights
+from util.metrics import compute_accuracy
+from util.optim import WEIGHT_DECAY, TF1Adam, gradient_multiplier, is_regularized, l2_regularization
+from util.snapshots import Snapshots, restore_model
+
+RANDOM_INIT = "random"
+log = logging.getLogger("train")
 
 
 def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight_decay=WEIGHT_DECAY,
@@ -53,7 +65,6 @@ class TrainingDiverged(RuntimeError):
 
 def _downsample_target(target, size):
     """The originals' accuracy label: legacy bilinear resize of the full mask to the score map (pixel (8i, 8j))."""
-    from models.layers import resize_bilinear_legacy
     return resize_bilinear_legacy(tf.convert_to_tensor(target), size).numpy()
 
 
@@ -68,20 +79,20 @@ class MovingAverages:
         return self.values[name]
 
 
+def initialize_backbone(backbone, path, seed):
+    """Load the pretrained backbone (``path``), or seeded stand-in weights when ``path`` is ``random``."""
+    if path == RANDOM_INIT:
+        log.info("Initialising the backbone with seeded random weights (seed %d): no pretrained weights", seed)
+        weights = seeded_weights(seed, fc1000=backbone.fc1000)
+        for name, var in backbone.tf1_variables().items():
+            var.assign(weights[name])
+        return
+    log.info("Loading pretrained weights from %s", path)
+    load_backbone_weights(backbone, path)
+
+
 def train(cfg):
     """The originals' ``train()``: see ``trainval_model.py`` for the flags in ``cfg``."""
-    import time
-
-    import numpy as np
-
-    from models import build_model
-    from util import data
-    from util.checkpoints import load_backbone_weights
-    from util.metrics import compute_accuracy
-    from util.optim import TF1Adam
-    from util.snapshots import Snapshots, restore_model
-
-    log = logging.getLogger("train")
     files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
     model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
                         image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
@@ -102,8 +113,7 @@ def train(cfg):
         log.info("resuming from %s (iteration %d)", cfg.resume_from, start)
     else:
         start = 0
-        log.info("Loading pretrained weights from %s", cfg.init_weights)
-        load_backbone_weights(model.backbone, cfg.init_weights)
+        initialize_backbone(model.backbone, cfg.init_weights, cfg.seed)
 
     log.info("Collecting variables for regularization:")
     for name in sorted(n for n in tvars if is_regularized(n)):
