@@ -11,7 +11,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODES = ("train", "test")
+MODES = ("train", "test", "bench", "export")
 DATASETS = ("Gref", "unc", "unc+", "referit")
 SPLITS = ("train", "trainval", "val", "test", "testA", "testB")
 
@@ -27,7 +27,7 @@ def parse_args(argv):
     p.add_argument("-st", type=int, default=None, help="stop training at this iteration (default 700000 CMPC, else -i)")
     p.add_argument("-m", type=str, required=True, choices=MODES, help="mode")
     p.add_argument("-d", type=str, default="referit", choices=DATASETS, help="dataset")
-    p.add_argument("-t", type=str, required=True, choices=SPLITS, help="split")
+    p.add_argument("-t", type=str, default=None, choices=SPLITS, help="split (train, test)")
     p.add_argument("-f", type=str, default=None, help="snapshot folder (RMI/LSTM default ./<dataset>/tfmodel)")
     p.add_argument("-lr", type=float, default=0.00025, help="start learning rate")
     p.add_argument("-bs", type=int, default=1, help="batch size")
@@ -46,6 +46,18 @@ def parse_args(argv):
     p.add_argument("--vis-dir", default=None, help="test -v: output folder (default ./<dataset>/visualization/<model>_<iter>)")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
     p.add_argument("--log-every", type=int, default=100, help="train: log every N iterations (100 in the originals)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (fp32 = the originals' numbers; bf16/fp16 keep fp32 losses and master weights)")
+    p.add_argument("--strategy", default="none", choices=("none", "mirrored", "multiworker"),
+                   help="tf.distribute strategy (multiworker reads TF_CONFIG)")
+    p.add_argument("--logdir", default=None, help="TensorBoard folder (off when not given)")
+    p.add_argument("--summary-every", type=int, default=100, help="train: scalar summaries every N iterations")
+    p.add_argument("--image-summary-every", type=int, default=1000, help="train: image summaries every N iterations")
+    p.add_argument("--export-dir", default=None, help="export: SavedModel output folder")
+    p.add_argument("--vocab-file", default=None,
+                   help="export: vocabulary (default <data-dir>/vocabulary_Gref.txt, referit: vocabulary_referit.txt)")
+    p.add_argument("--bench-batch-sizes", default="1,8", help="bench: comma-separated batch sizes")
+    p.add_argument("--bench-json", default=None, help="bench: also write the figures as JSON here")
     return p.parse_args(argv)
 
 
@@ -59,7 +71,10 @@ def config_from_args(args):
         emb=args.emb, conv5=args.conv5, weights=args.w, image_size=args.img_size, seed=args.seed,
         batch_root=args.batch_root, data_dir=args.data_dir, init_weights=args.init_weights,
         resume_from=args.resume_from, vis_folder=args.vis_dir, xla=args.xla, log_every=args.log_every,
-        progress=sys.stderr.isatty())
+        progress=sys.stderr.isatty(), precision=args.precision, strategy=args.strategy, logdir=args.logdir,
+        summary_every=args.summary_every, image_summary_every=args.image_summary_every, export_dir=args.export_dir,
+        vocab_file=args.vocab_file, bench_batch_sizes=tuple(int(b) for b in args.bench_batch_sizes.split(",")),
+        bench_json=args.bench_json)
 
 
 def main(argv=None):
@@ -70,14 +85,23 @@ def main(argv=None):
     from util.data import BadSample
     from util.train import TrainingDiverged
 
+    if args.m in ("train", "test") and args.t is None:
+        logging.getLogger("trainval_model").error("error: -t (split) is required with -m %s", args.m)
+        return 2
     try:
         cfg = config_from_args(args)
         if cfg.mode == "train":
             from util.train import train
             train(cfg)
-        else:
+        elif cfg.mode == "test":
             from util.evaluate import test
             test(cfg)
+        elif cfg.mode == "bench":
+            from util.bench import bench
+            bench(cfg)
+        else:
+            from util.export import export
+            export(cfg)
     except (FileNotFoundError, CheckpointMismatch, BadSample, TrainingDiverged, ValueError) as e:
         logging.getLogger("trainval_model").error("error: %s", e)
         return 1

@@ -46,6 +46,15 @@ class RunConfig:
     xla: bool = False
     log_every: int = 100
     progress: bool = True
+    precision: str = "fp32"
+    strategy: str = "none"
+    logdir: str = None
+    summary_every: int = 100
+    image_summary_every: int = 1000
+    export_dir: str = None
+    vocab_file: str = None
+    bench_batch_sizes: tuple = (1, 8)
+    bench_json: str = None
 
     def __post_init__(self):
         max_iter, snapshot, stop, keep = MODEL_DEFAULTS[self.model]
@@ -58,6 +67,9 @@ class RunConfig:
         if self.init_weights is None:
             key = self.weights if self.model in SHORT_NAMES else "deeplab_resnet"
             self.init_weights = INIT_WEIGHTS[key]
+        if self.vocab_file is None:
+            name = "referit" if self.dataset == "referit" else "Gref"
+            self.vocab_file = os.path.join(self.data_dir, f"vocabulary_{name}.txt")
         if self.vis_folder is None:
             self.vis_folder = os.path.join(".", self.dataset, "visualization", f"{self.model}_{self.iteration}")
 
