@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import re
+import shutil
 
 import tensorflow as tf
 
@@ -23,6 +24,21 @@ _DATA_SUFFIX = ".data-00000-of-00001"
 
 def is_tf2_checkpoint(prefix):
     return "_CHECKPOINTABLE_OBJECT_GRAPH" in read_tf1_checkpoint(prefix)
+
+
+def write_checkpoint_atomic(checkpoint, prefix):
+    """``checkpoint.write`` under a hidden temporary prefix beside ``prefix``, then rename (data first, index last).
+
+    Leftover temporaries of an earlier interrupted write of the same prefix are removed first."""
+    folder, name = os.path.split(os.path.abspath(prefix))
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
+        shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    checkpoint.write(tmp)
+    os.replace(tmp + _DATA_SUFFIX, prefix + _DATA_SUFFIX)
+    os.replace(tmp + ".index", prefix + ".index")
+    return prefix
 
 
 class Snapshots:
@@ -48,14 +64,7 @@ class Snapshots:
 
     def save(self, checkpoint, iteration):
         """Write ``checkpoint`` (a ``tf.train.Checkpoint``) as snapshot ``iteration``, atomically."""
-        os.makedirs(self.folder, exist_ok=True)
-        for stale in glob.glob(os.path.join(self.folder, f".{self.name}_*.tmp*")):
-            os.remove(stale)
-        final = self.path(iteration)
-        tmp = os.path.join(self.folder, f".{self.name}_{iteration}.tmp{os.getpid()}")
-        checkpoint.write(tmp)
-        os.replace(tmp + _DATA_SUFFIX, final + _DATA_SUFFIX)
-        os.replace(tmp + ".index", final + ".index")
+        final = write_checkpoint_atomic(checkpoint, self.path(iteration))
         for old in self.iterations()[:-self.keep] if self.keep else []:
             for suffix in (".index", _DATA_SUFFIX):
                 if os.path.exists(self.path(old) + suffix):
@@ -77,15 +86,19 @@ def restore_model(model, prefix, optimizer=None):
     TF1 snapshots: the head by its TF1 names, the backbone through ``load_backbone_weights`` (any of the three
     naming schemes), and — with ``optimizer`` — the step counter, beta powers and Adam slots by their TF1 names.
     Raises ``CheckpointMismatch`` naming the first missing or misshapen tensor.
+
+    Returns {"format": "tf2"} or {"format": "tf1", "head": …, "backbone": …[, "optimizer": …]} with the loaders'
+    reports (``loaded``, ``missing``, ``unexpected``).
     """
     if is_tf2_checkpoint(prefix):
         objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
         status = tf.train.Checkpoint(**objects).read(prefix)
         status.expect_partial()
         status.assert_existing_objects_matched()
-        return "tf2"
-    load_tf1_variables(model.head.tf1_variables(), prefix)
-    load_backbone_weights(model.backbone, prefix)
+        return {"format": "tf2"}
+    report = {"format": "tf1",
+              "head": load_tf1_variables(model.head.tf1_variables(), prefix),
+              "backbone": load_backbone_weights(model.backbone, prefix)}
     if optimizer is not None:
-        load_tf1_variables(optimizer.tf1_variables(), prefix)
-    return "tf1"
+        report["optimizer"] = load_tf1_variables(optimizer.tf1_variables(), prefix)
+    return report
