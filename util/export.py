@@ -1,0 +1,223 @@
+"""SavedModel export (``trainval_model.py -m export``): one image of any size + one sentence → mask, in one graph.
+
+The serving signature ``serving_default(image, sentence)`` takes ``image`` uint8 [H, W, 3] (RGB, any H, W ≥ 1) and
+``sentence`` a scalar UTF-8 string and returns
+
+* ``mask``: uint8 [H, W], 1 where the object is (the test loop's prediction: ``up ≥ 1e-9`` on the padded S×S
+  frame, mapped back with ``resize_and_crop``; nonzero = foreground),
+* ``probability``: float32 [S, S], the sigmoid of the upsampled score on the padded S×S frame (what DenseCRF
+  refines),
+* ``padded_image``: uint8 [S, S, 3], the resized and zero-padded RGB image the network saw,
+* ``words``: int32 [T], the token ids.
+
+Everything the test loop does in Python (``util.evaluate.prepare`` / ``predict_masks``, ``util.text``) is rebuilt
+from TensorFlow ops, so the SavedModel needs no Python code of this repository:
+
+Tokenizer (``in_graph_token_ids``): the exact ``util.text.preprocess_sentence`` — ``str.strip()`` (Python's
+Unicode whitespace set, listed in ``PY_WHITESPACE``), split into maximal runs of ASCII word characters
+``[A-Za-z0-9_]`` and of everything else (the ``re.ASCII`` ``(\\W+)`` split keeping delimiters), drop runs made only
+of Python whitespace, lower-case the rest with ``tf.strings.lower(encoding='utf-8')`` (Unicode full case mapping, as
+``str.lower``) without stripping, drop a final token equal to '.', look up the vocabulary
+(``tf.lookup.StaticHashTable`` of ``load_vocab_dict_from_file``; unknown → 3), keep the first T, left-pad with 0.
+Differences: where Python raises ValueError on a sentence without tokens (empty or whitespace only) the graph returns
+T pads and the model runs on them; bytes that are not valid UTF-8 become U+FFFD (a Python ``str`` cannot hold them).
+
+Image (``in_graph_preprocess``): ``img_as_ubyte(resize_and_pad(image, S, S))`` with scikit-image 0.13 ``resize``
+semantics (``util.image.resize_legacy``): bilinear, neighbours floor/ceil of the source coordinate, pixels outside
+read as 0 (mode='constant'), the same float64 expression order, clipping to the input's [min, max] with 0.13's
+cval rule, ``np.round`` half-to-even sizes, ×255 + ``rint``. The one residual difference is the source coordinate:
+0.13 maps output (col, row) through an affine matrix *estimated by SVD* from three corners, which carries ~1e-16
+round-off, while the graph uses the exact ``scale·(col + 0.5) − 0.5`` (float64). Pixel values therefore differ by
+~1e-16 before ``img_as_ubyte``, i.e. a padded pixel can differ by one grey level where ×255 lands within ~1e-13 of
+a .5; and in the mask's ``resize_and_crop`` a source coordinate that is integral in one path and off by ~1e-16 in
+the other switches a neighbour with weight ~1e-16 in or out, which matters there because any nonzero value is
+foreground. tests/test_export.py measures both.
+"""
+import logging
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from models import build_model
+from util import data
+from util.evaluate import SCORE_THRESHOLD
+from util.snapshots import find_snapshot, restore_model
+from util.text import PAD_ID, T_DEFAULT, UNK_ID, load_vocab_dict_from_file
+
+log = logging.getLogger("export")
+
+# The characters Python's str.strip() / str.isspace() treat as whitespace (bidi WS/B/S or category Zs).
+PY_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+_WS_CLASS = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in PY_WHITESPACE) + "]"
+_WORD_CHAR = "[A-Za-z0-9_]"
+
+
+def vocab_table(vocab):
+    """A ``tf.lookup.StaticHashTable`` word → id (int64) of the vocabulary dict, default ``<unk>`` = 3."""
+    keys = tf.constant(list(vocab.keys()), tf.string)
+    values = tf.constant(list(vocab.values()), tf.int64)
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=UNK_ID)
+
+
+def in_graph_tokens(sentence):
+    """String tokens [n] of a scalar string ``sentence``: ``util.text.tokenize`` in TensorFlow ops (module doc)."""
+    stripped = tf.strings.regex_replace(sentence, f"^{_WS_CLASS}+|{_WS_CLASS}+$", "")
+    chars = tf.strings.unicode_split(stripped, "UTF-8")
+    is_word = tf.strings.regex_full_match(chars, _WORD_CHAR)
+    starts = tf.concat([tf.ones_like(is_word[:1]), tf.not_equal(is_word[1:], is_word[:-1])], axis=0)
+    run_index = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+    runs = tf.strings.unsorted_segment_join(chars, run_index, num_segments=tf.reduce_sum(tf.cast(starts, tf.int32)))
+    tokens = tf.boolean_mask(runs, tf.logical_not(tf.strings.regex_full_match(runs, f"{_WS_CLASS}*")))
+    tokens = tf.strings.lower(tokens, encoding="utf-8")
+    final_dot = tf.reduce_any(tf.equal(tokens[-1:], "."))
+    return tokens[:tf.size(tokens) - tf.cast(final_dot, tf.int32)]
+
+
+def in_graph_token_ids(sentence, table, T=T_DEFAULT):
+    """int32 [T]: ``util.text.preprocess_sentence`` in TensorFlow ops; all pads for a sentence without tokens."""
+    ids = tf.cast(table.lookup(in_graph_tokens(sentence)), tf.int32)[:T]
+    ids = tf.concat([tf.fill([T - tf.size(ids)], tf.constant(PAD_ID, tf.int32)), ids], axis=0)
+    return tf.ensure_shape(ids, [T])
+
+
+def _axis_sources(out_size, in_size, offset, count):
+    """For outputs ``offset … offset+count−1`` of a 1-D resize in_size → out_size: (floor index, ceil index, fraction),
+    with the source coordinate ``s·(i + 0.5) − 0.5``, s = in_size / out_size (float64). Indices are shifted by +1
+    for an image zero-padded by one pixel on each side (the coordinate lies in [−0.5, in_size − 0.5])."""
+    scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    coord = scale * (tf.cast(tf.range(offset, offset + count), tf.float64) + 0.5) - 0.5
+    low, high = tf.floor(coord), tf.math.ceil(coord)
+    return tf.cast(low, tf.int32) + 1, tf.cast(high, tf.int32) + 1, coord - low
+
+
+def resize_legacy_window(img, out_h, out_w, row_offset, col_offset, rows, cols):
+    """Rows ``row_offset…+rows`` × cols ``col_offset…+cols`` of ``util.image.resize_legacy(img, out_h, out_w)`` for
+    a float64 [H, W, C] image already converted with ``img_as_float``; float64 [rows, cols, C].
+
+    Value = (1 − dr)·((1 − dc)·p00 + dc·p01) + dr·((1 − dc)·p10 + dc·p11) with outside pixels 0, then clipped to
+    [min, max] of ``img``; when 0 lies outside that range, exact zeros (cval) stay 0 (0.13 ``_clip_warp_output``)."""
+    in_h, in_w = tf.shape(img)[0], tf.shape(img)[1]
+    padded = tf.pad(img, [[1, 1], [1, 1], [0, 0]])
+    r0, r1, dr = _axis_sources(out_h, in_h, row_offset, rows)
+    c0, c1, dc = _axis_sources(out_w, in_w, col_offset, cols)
+    dr, dc = dr[:, None, None], dc[None, :, None]
+    top_rows, bottom_rows = tf.gather(padded, r0, axis=0), tf.gather(padded, r1, axis=0)
+    top = (1 - dc) * tf.gather(top_rows, c0, axis=1) + dc * tf.gather(top_rows, c1, axis=1)
+    bottom = (1 - dc) * tf.gather(bottom_rows, c0, axis=1) + dc * tf.gather(bottom_rows, c1, axis=1)
+    out = (1 - dr) * top + dr * bottom
+    min_val, max_val = tf.reduce_min(img), tf.reduce_max(img)
+    preserve_cval = tf.logical_not(tf.logical_and(min_val <= 0, max_val >= 0))
+    clipped = tf.clip_by_value(out, min_val, max_val)
+    return tf.where(tf.logical_and(preserve_cval, tf.equal(out, 0)), tf.zeros_like(out), clipped)
+
+
+def _fit_size(in_h, in_w, h, w, fit):
+    """(rh, rw) of ``resize_and_pad`` (fit=min) or ``resize_and_crop`` (fit=max): int(np.round(size·scale))."""
+    in_h, in_w = tf.cast(in_h, tf.float64), tf.cast(in_w, tf.float64)
+    scale = fit(tf.cast(h, tf.float64) / in_h, tf.cast(w, tf.float64) / in_w)
+    return tf.cast(tf.round(in_h * scale), tf.int32), tf.cast(tf.round(in_w * scale), tf.int32)
+
+
+def in_graph_preprocess(image, size):
+    """uint8 [size, size, 3]: ``img_as_ubyte(resize_and_pad(image, size, size))`` of a uint8 [H, W, 3] image."""
+    img = tf.cast(image, tf.float64) / 255.0
+    rh, rw = _fit_size(tf.shape(img)[0], tf.shape(img)[1], size, size, tf.minimum)
+    pad_h, pad_w = (size - rh) // 2, (size - rw) // 2
+    resized = resize_legacy_window(img, rh, rw, 0, 0, rh, rw)
+    padded = tf.pad(resized, [[pad_h, size - rh - pad_h], [pad_w, size - rw - pad_w], [0, 0]])
+    ubyte = tf.clip_by_value(tf.math.rint(padded * 255), 0, 255)
+    return tf.ensure_shape(tf.cast(ubyte, tf.uint8), [size, size, 3])
+
+
+def in_graph_network_input(rgb_uint8, mu=data.MU):
+    """``util.data.to_network_input``: float32(im)[..., ::-1] − mu in float64, cast to float32."""
+    bgr = tf.reverse(tf.cast(rgb_uint8, tf.float64), axis=[-1])
+    return tf.cast(bgr - tf.constant(mu, tf.float64), tf.float32)
+
+
+def in_graph_mask(up, height, width):
+    """uint8 [height, width]: nonzero of ``resize_and_crop(float32(up ≥ 1e-9), height, width)`` for ``up`` [S, S]."""
+    size, height, width = tf.shape(up)[0], tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    pred_raw = tf.cast(tf.cast(up >= SCORE_THRESHOLD, tf.float32), tf.float64)[:, :, None]
+    rh, rw = _fit_size(size, size, height, width, tf.maximum)
+    crop_h, crop_w = (rh - height) // 2, (rw - width) // 2
+    resized = resize_legacy_window(pred_raw, rh, rw, crop_h, crop_w, height, width)
+    return tf.cast(tf.not_equal(resized[:, :, 0], 0), tf.uint8)
+
+
+class ServingModule(tf.Module):
+    """The exported object: ``serve`` (the signature), ``tokenize`` and ``preprocess_image`` (module doc)."""
+
+    def __init__(self, model, vocab, image_size, T=T_DEFAULT):
+        super().__init__(name="refseg_serving")
+        self.model = model
+        self.table = vocab_table(vocab)
+        self.image_size = image_size
+        self.T = T
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def tokenize(self, sentence):
+        """int32 [T] token ids of ``sentence``."""
+        return in_graph_token_ids(sentence, self.table, self.T)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    def preprocess_image(self, image):
+        """uint8 [S, S, 3]: the resized, zero-padded image."""
+        return in_graph_preprocess(image, self.image_size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+                                  tf.TensorSpec([], tf.string, name="sentence")])
+    def serve(self, image, sentence):
+        """{mask, probability, padded_image, words} of one image and sentence (module doc)."""
+        words = in_graph_token_ids(sentence, self.table, self.T)
+        padded = in_graph_preprocess(image, self.image_size)
+        outputs = self.model(in_graph_network_input(padded)[None], words[None])
+        up = outputs["up"][0, :, :, 0]
+        mask = in_graph_mask(up, tf.shape(image)[0], tf.shape(image)[1])
+        return {"mask": mask, "probability": outputs["sigm"][0, :, :, 0], "padded_image": padded, "words": words}
+
+
+def save_atomic(module, export_dir):
+    """``tf.saved_model.save`` into a hidden temporary folder beside ``export_dir``, then rename it into place.
+
+    An existing ``export_dir`` is replaced: moved aside, the new folder renamed in, the old one deleted; a reader
+    never sees a half-written SavedModel at ``export_dir``."""
+    final = os.path.abspath(export_dir)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old = os.path.join(parent, f".{name}.old{os.getpid()}")
+    for stale in (tmp, old):
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return final
+
+
+def export(cfg):
+    """``-m export``: restore ``-i`` of ``-f`` into ``-n`` at ``--img-size`` and write the SavedModel to
+    ``--export-dir`` with the vocabulary ``cfg.vocab_file`` baked in. Returns the SavedModel folder."""
+    if not cfg.export_dir:
+        raise ValueError("-m export needs --export-dir DIR")
+    if not os.path.isfile(cfg.vocab_file):
+        raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
+    vocab = load_vocab_dict_from_file(cfg.vocab_file)
+    if max(vocab.values()) >= cfg.vocab_size:
+        raise ValueError(f"vocabulary file {cfg.vocab_file} has ids up to {max(vocab.values())}, beyond the "
+                         f"model's {cfg.vocab_size} embeddings for -d {cfg.dataset}")
+    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
+                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
+    restore_model(model, prefix)
+    log.info("restored %s from %s", cfg.model, prefix)
+    final = save_atomic(ServingModule(model, vocab, cfg.image_size), cfg.export_dir)
+    log.info("wrote SavedModel %s (%s, %d×%d, vocabulary %s)", final, cfg.model, cfg.image_size, cfg.image_size,
+             cfg.vocab_file)
+    return final
