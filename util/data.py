@@ -1,12 +1,15 @@
-"""Reading the ``build_batches.py`` output: the originals' per-sample preprocessing, their sample order, and a
-``tf.data`` pipeline that yields exactly the same samples.
+"""Reading the ``build_batches.py`` output (``.npz`` files or sharded TFRecords): the originals' per-sample
+preprocessing, their sample order, and a ``tf.data`` pipeline that yields exactly the same samples.
 
 The originals' ``DataReader`` counts ``<prefix>_0.npz, <prefix>_1.npz, …`` up to the first gap and, when shuffling,
 draws a fresh (unseeded) permutation at the start of every epoch. Ours draws the permutation of epoch ``e`` from
 ``np.random.RandomState(seed + e)``, so a run is reproducible and the plain loop and the pipeline agree.
 """
+import glob
 import logging
+import math
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -95,29 +98,191 @@ def sample_indices(num_samples, seed, shuffle, start=0):
         epoch, offset = epoch + 1, 0
 
 
+class NpzSamples:
+    """Random access to ``<prefix>_<n>.npz`` files (``batch_files``): ``len`` and ``load(n)`` → sample dict."""
+
+    def __init__(self, files):
+        self.files = list(files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        return load_sample(self.files[index])
+
+
+# --- TFRecord shards -------------------------------------------------------------------------------------------------
+# One record per sample, a ``tf.train.Example`` holding for each of NPZ_KEYS the array's raw bytes under ``<key>``,
+# its shape under ``<key>/shape`` (int64 list) and its numpy dtype string under ``<key>/dtype``: the arrays read back
+# are identical to the .npz ones. Sample n of the split is record n of the concatenation of the shards in name order.
+
+TFRECORD_SHARD_SIZE = 1024
+
+
+def tfrecord_folder(batch_folder):
+    """``<root>/<dataset>/<split>_batch`` → ``<root>/<dataset>/<split>_tfrecord``."""
+    return batch_folder[:-len("_batch")] + "_tfrecord" if batch_folder.endswith("_batch") else batch_folder
+
+
+def tfrecord_name(prefix, shard, num_shards):
+    """``<prefix>-00000-of-00012.tfrecord`` (``prefix`` = ``<dataset>_<split>``)."""
+    return f"{prefix}-{shard:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _example_bytes(sample):
+    import tensorflow as tf
+
+    feature = {}
+    for key in NPZ_KEYS:
+        arr = np.ascontiguousarray(sample[key])
+        feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[arr.tobytes()]))
+        feature[f"{key}/shape"] = tf.train.Feature(int64_list=tf.train.Int64List(value=list(arr.shape)))
+        feature[f"{key}/dtype"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[arr.dtype.str.encode()]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecords(files, folder, prefix, shard_size=TFRECORD_SHARD_SIZE):
+    """Pack the samples ``files`` (in order) into ``ceil(n / shard_size)`` shards ``folder/tfrecord_name(...)``;
+    each shard is written to a temporary name and renamed. Returns the shard paths."""
+    import tensorflow as tf
+
+    os.makedirs(folder, exist_ok=True)
+    num_shards = max(1, math.ceil(len(files) / shard_size))
+    paths = []
+    for shard in range(num_shards):
+        path = os.path.join(folder, tfrecord_name(prefix, shard, num_shards))
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with tf.io.TFRecordWriter(tmp) as writer:
+                for f in files[shard * shard_size:(shard + 1) * shard_size]:
+                    writer.write(_example_bytes(load_sample(f)))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        paths.append(path)
+    log.info("wrote %d samples in %d TFRecord shards under %s", len(files), num_shards, folder)
+    return paths
+
+
+def _record_offsets(path):
+    """[(offset, length)] of the records of a TFRecord file (uint64 length, uint32 CRC, data, uint32 CRC each)."""
+    offsets, size = [], os.path.getsize(path)
+    with open(path, "rb") as f:
+        pos = 0
+        while pos < size:
+            header = f.read(12)
+            if len(header) < 12:
+                raise BadSample(f"{path}: truncated TFRecord header at byte {pos}")
+            (length,) = struct.unpack("<Q", header[:8])
+            offsets.append((pos + 12, length))
+            pos += 12 + length + 4
+            f.seek(pos)
+    if pos != size:
+        raise BadSample(f"{path}: truncated TFRecord (last record ends at byte {pos}, file has {size})")
+    return offsets
+
+
+class TFRecordSamples:
+    """Random access to the shards written by ``write_tfrecords`` (a record index is built from the headers, so the
+    per-epoch order is the same as for the .npz files); ``load(n)`` → the same sample dict as ``load_sample``."""
+
+    def __init__(self, folder, prefix):
+        self.shards = sorted(glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(prefix)}-*-of-*.tfrecord")))
+        if not self.shards:
+            raise FileNotFoundError(f"no TFRecord shards {prefix}-*-of-*.tfrecord under {folder}: run "
+                                    f"build_batches.py --format tfrecord for this dataset and split")
+        expected = int(self.shards[0].rsplit("-of-", 1)[1].split(".")[0])
+        if len(self.shards) != expected:
+            raise FileNotFoundError(f"{folder}: {len(self.shards)} shards of {prefix} found, {expected} expected")
+        self.records = [(path, off, length) for path in self.shards for off, length in _record_offsets(path)]
+        log.info('found %d samples in %d TFRecord shards under %s with prefix "%s"',
+                 len(self.records), len(self.shards), folder, prefix)
+
+    def __len__(self):
+        return len(self.records)
+
+    def load(self, index):
+        import tensorflow as tf
+
+        path, offset, length = self.records[index]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            feature = tf.train.Example.FromString(f.read(length)).features.feature
+        try:
+            return {key: np.frombuffer(feature[key].bytes_list.value[0],
+                                       dtype=np.dtype(feature[f"{key}/dtype"].bytes_list.value[0].decode())
+                                       ).reshape(tuple(feature[f"{key}/shape"].int64_list.value)).copy()
+                    for key in NPZ_KEYS}
+        except (IndexError, KeyError, ValueError, TypeError) as e:
+            raise BadSample(f"{path}: record {index} unreadable ({type(e).__name__}: {e})") from None
+
+
+def training_source(batch_folder, prefix, data_format="auto"):
+    """The samples of a split: ``npz`` (``batch_files``), ``tfrecord`` (``tfrecord_folder(batch_folder)``), or
+    ``auto``: the .npz files when ``<prefix>_0.npz`` exists, else the TFRecord shards."""
+    if data_format == "npz" or (data_format == "auto" and
+                                os.path.isfile(os.path.join(batch_folder, f"{prefix}_0.npz"))):
+        return NpzSamples(batch_files(batch_folder, prefix))
+    if data_format in ("tfrecord", "auto"):
+        return TFRecordSamples(tfrecord_folder(batch_folder), prefix)
+    raise ValueError(f"unknown data format {data_format!r} (npz, tfrecord or auto)")
+
+
+def _as_source(samples):
+    return NpzSamples(samples) if isinstance(samples, (list, tuple)) else samples
+
+
 def training_samples(files, seed, shuffle=True, start=0, mu=MU):
-    """The plain batch-1 loop: yields (words, image, target) in the order of ``sample_indices``."""
-    for index in sample_indices(len(files), seed, shuffle, start):
-        yield train_example(load_sample(files[index]), mu)
+    """The plain batch-1 loop: yields (words, image, target) in the order of ``sample_indices``.
+
+    ``files``: a list of .npz paths or a ``NpzSamples`` / ``TFRecordSamples``."""
+    source = _as_source(files)
+    for index in sample_indices(len(source), seed, shuffle, start):
+        yield train_example(source.load(index), mu)
 
 
-def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_parallel_calls=None):
+def replica_indices(num_samples, seed, shuffle, start, batch_size, first_replica=0, local_replicas=1,
+                    num_replicas=1):
+    """The sample stream of one input pipeline under data parallelism.
+
+    The global stream (``sample_indices`` from ``start``) is cut into global batches of ``batch_size ×
+    num_replicas`` samples; replica r takes slice [r·batch_size, (r+1)·batch_size) of each. This pipeline serves
+    replicas ``first_replica … first_replica + local_replicas − 1`` and yields, per global batch, their slices one
+    after the other. With one replica it is ``sample_indices`` itself.
+    """
+    stream = sample_indices(num_samples, seed, shuffle, start)
+    global_batch = batch_size * num_replicas
+    lo, hi = first_replica * batch_size, (first_replica + local_replicas) * batch_size
+    while True:
+        chunk = [next(stream) for _ in range(global_batch)]
+        yield from chunk[lo:hi]
+
+
+def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_parallel_calls=None,
+                     first_replica=0, local_replicas=1, num_replicas=1):
     """``tf.data`` version of ``training_samples``, batched: the same samples, preprocessing and order.
 
-    ``start`` is the global sample position to resume from (iteration × batch size). Reading and decoding run in
-    parallel (``deterministic=True`` keeps the order), and batches are prefetched.
+    ``files``: a list of .npz paths or a ``NpzSamples`` / ``TFRecordSamples``. ``start`` is the global sample
+    position to resume from (iteration × global batch size). Reading and decoding run in parallel
+    (``deterministic=True`` keeps the order), and batches are prefetched. ``batch_size`` is per replica; the
+    replica arguments select this pipeline's share of each global batch (``replica_indices``): consecutive
+    elements of the dataset are the batches of replicas ``first_replica``, ``first_replica + 1``, … as
+    ``tf.distribute.Strategy.distribute_datasets_from_function`` hands them out.
     """
     import tensorflow as tf
 
-    first = train_example(load_sample(files[0]), mu)
+    source = _as_source(files)
+    first = train_example(source.load(0), mu)
     size, steps = first[1].shape[:2], first[0].shape[0]
-    paths = np.array(files)
 
     def indices():
-        return sample_indices(len(files), seed, shuffle, start)
+        return replica_indices(len(source), seed, shuffle, start, batch_size, first_replica, local_replicas,
+                               num_replicas)
 
     def read(index):
-        return train_example(load_sample(paths[int(index)]), mu)
+        return train_example(source.load(int(index)), mu)
 
     def read_tf(index):
         words, image, target = tf.numpy_function(read, [index], [tf.int32, tf.float32, tf.float32])
@@ -129,4 +294,7 @@ def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_
     parallel = num_parallel_calls or tf.data.AUTOTUNE
     ds = tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec([], tf.int64))
     ds = ds.map(read_tf, num_parallel_calls=parallel, deterministic=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
