@@ -19,7 +19,10 @@ ones are written. Files are written to a temporary name in the same folder and r
 ever left behind. The ``.npz`` archives carry fixed timestamps (contents are reproducible byte for byte).
 
 ``sent_batch`` holds a Python 3 ``str`` (dtype ``<U``); the original stored py2 ``str`` (``S``, bytes) for COCO.
-This module does not import TensorFlow.
+``--format tfrecord`` then also packs the split's samples, in sample order, into TFRecord shards
+``<output-dir>/<name>/<split>_tfrecord/<name>_<split>-00000-of-000NN.tfrecord`` (``util/data.write_tfrecords``: the
+same keys, arrays identical), which the trainer reads when the ``.npz`` folder is absent. This module does not
+import TensorFlow unless ``--format tfrecord`` is given.
 """
 import argparse
 import logging
@@ -230,6 +233,10 @@ def parse_args(argv):
     p.add_argument("--output-dir", default=".",
                    help="where <name>/<split>_batch/ is created (default: current folder)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--format", default="npz", choices=("npz", "tfrecord"),
+                   help="npz (default): one .npz per sample; tfrecord: also pack them, in order, into "
+                        "<output-dir>/<name>/<split>_tfrecord/<name>_<split>-NNNNN-of-NNNNN.tfrecord (needs TensorFlow)")
+    p.add_argument("--shard-size", type=int, default=1024, help="tfrecord: samples per shard (default 1024)")
     p.add_argument("--make-sample", metavar="DIR", default=None,
                    help="only write the deterministic sample dataset (util/sample_data.py) under DIR and exit")
     args = p.parse_args(argv)
@@ -253,8 +260,8 @@ def parse_args(argv):
                              f"(choose from {', '.join(SPLITS[key])})")
         args.image_root = args.image_root or os.path.join(args.data_root, "data", "coco", "images", "train2014")
         args.refer_root = os.path.join(args.data_root, "external", "refer", "data")
-    if args.img_size < 1 or args.jobs < 1:
-        raise UsageError("--img-size and -j must be positive")
+    if args.img_size < 1 or args.jobs < 1 or args.shard_size < 1:
+        raise UsageError("--img-size, -j and --shard-size must be positive")
     return args
 
 
@@ -267,7 +274,10 @@ def run(args):
     vocab_path = os.path.join(args.data_root, "data", f"vocabulary_{vocab_name}.txt")
     if not os.path.isfile(vocab_path):
         raise AnnotationError(f"vocabulary file not found: {vocab_path}")
-    vocab = text_proc.load_vocab_dict_from_file(vocab_path)
+    try:
+        vocab = text_proc.load_vocab_dict_from_file(vocab_path)
+    except ValueError as e:
+        raise AnnotationError(str(e)) from None
     skipped = Counter()
     plan = plan_referit if args.d == "referit" else plan_coco
     units = plan(args, out_folder, prefix, vocab, skipped)
@@ -308,6 +318,11 @@ def run(args):
         log.warning("%d sample numbers are unused because of bad images/masks; DataReader stops at the first gap: "
                     "fix the files and re-run (existing files are kept)", stats["gaps"])
     stats["skipped"] = n_skipped
+    if args.format == "tfrecord":
+        from util import data  # imports TensorFlow when writing
+
+        data.write_tfrecords(data.batch_files(out_folder, prefix), data.tfrecord_folder(out_folder), prefix,
+                             args.shard_size)
     return stats
 
 

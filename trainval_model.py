@@ -19,7 +19,8 @@ SPLITS = ("train", "trainval", "val", "test", "testA", "testB")
 def parse_args(argv):
     from models import MODEL_NAMES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="trainval_model.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-g", type=str, default="0", help="GPU id (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("-i", type=int, default=None,
                    help="train: max iterations; test: snapshot iteration (default per model: 800000 CMPC/RRN, 750000 RMI/LSTM)")

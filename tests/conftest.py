@@ -1,6 +1,8 @@
 """Shared test fixtures: where the golden data lives, and a TensorFlow that stays quiet."""
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +28,19 @@ def shared_dir():
 @pytest.fixture(scope="session")
 def golden_dir(shared_dir):
     return shared_dir / "golden"
+
+
+SAMPLE_TRAIN_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The generated sample dataset with ``unc`` train batches at 64×64 and ``unc`` val batches (original sizes)."""
+    root = tmp_path_factory.mktemp("sample")
+    for args in (["--make-sample", str(root)],
+                 ["-d", "unc", "-t", "train", "--data-root", str(root), "--output-dir", str(root),
+                  "--img-size", str(SAMPLE_TRAIN_SIZE)],
+                 ["-d", "unc", "-t", "val", "--data-root", str(root), "--output-dir", str(root)]):
+        subprocess.run([sys.executable, str(REPO / "build_batches.py"), *args], check=True, capture_output=True,
+                       cwd=REPO)
+    return root

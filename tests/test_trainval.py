@@ -2,23 +2,20 @@
 
 Each model trains briefly from seeded stand-in backbone weights (``--init-weights random``), snapshots appear with
 the originals' names, ``-m test -c -v`` prints the metric block and writes JSON and PNGs, an original-style TF1
-snapshot of the same weights tests to the same figures, and a killed run resumes from its newest snapshot.
+snapshot of the same weights tests to the same figures (interruption: tests/test_faults.py).
 """
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SAMPLE_TRAIN_SIZE as SIZE
 from util.checkpoints import save_tf1_checkpoint
 
-SIZE = 64
 
 
 def run(args, check=True, timeout=600):
@@ -27,18 +24,6 @@ def run(args, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-@pytest.fixture(scope="session")
-def sample(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    for args in (["--make-sample", str(root)],
-                 ["-d", "unc", "-t", "train", "--data-root", str(root), "--output-dir", str(root),
-                  "--img-size", str(SIZE)],
-                 ["-d", "unc", "-t", "val", "--data-root", str(root), "--output-dir", str(root)]):
-        subprocess.run([sys.executable, str(REPO / "build_batches.py"), *args], check=True, capture_output=True,
-                       cwd=REPO)
-    return root
 
 
 def common(sample, model, folder):
@@ -151,24 +136,3 @@ def test_rmi_and_lstm_keep_their_snapshot_names(sample, tmp_path, model, short):
     assert (tmp_path / f"unc_deeplab_{short}_iter_20.index").is_file()
     out = run(["-m", "test", "-t", "val", *args, "-f", str(tmp_path), "-i", "20"]).stdout
     assert "overall IoU = " in out
-
-
-def test_killed_run_resumes_with_the_same_losses(sample, tmp_path):
-    """SIGKILL after the first snapshot, start again: it resumes from the newest complete snapshot, and with the
-    fixed seed the losses after the restart equal those of an uninterrupted run."""
-    args = ["-m", "train", "-t", "train", "--init-weights", "random", "--log-every", "1", "-i", "24", "-s", "8"]
-    whole = logged_losses(run([*args, *common(sample, "LSTM_model", tmp_path / "whole")]).stdout)
-    folder = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "trainval_model.py"), *args, *common(sample, "LSTM_model", folder)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 300
-    while not (folder / "unc_deeplab_LSTM_iter_8.index").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    out = run(cmd[2:]).stdout
-    resumed = logged_losses(out)
-    start = min(resumed)
-    assert start >= 8 and re.search(rf"resuming from .*unc_deeplab_LSTM_iter_{start} \(iteration {start}\)", out)
-    for it in range(start, 24):
-        assert resumed[it] == pytest.approx(whole[it], rel=1e-6), it

@@ -115,7 +115,10 @@ class RunConfig:
             raise FileNotFoundError(
                 f"{path} not found: CMPC needs the GloVe matrix of the vocabulary; build it with "
                 f"external/glove_to_npy.py (see data/README.md)")
-        emb = np.load(path, allow_pickle=False)
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a plain .npy array ({e})") from None
         if emb.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D [vocabulary, dim] array, got shape {emb.shape}")
         return emb.astype(np.float32)

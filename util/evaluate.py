@@ -60,12 +60,26 @@ def save_visualization(folder, index, sample, prediction, suffix=""):
 
 
 def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True):
-    """Evaluate ``model`` on the eval ``.npz`` files; returns (metrics, metrics with DenseCRF or None)."""
+    """Evaluate ``model`` on the eval ``.npz`` files.
+
+    Returns (metrics, metrics with DenseCRF or None, paths of unreadable samples). An unreadable ``.npz`` is skipped
+    with a warning and listed, not counted in the metrics.
+    """
     forward = tf.function(lambda images, words: model(images, words))
     metrics, metrics_crf = SegmentationMetrics(), (SegmentationMetrics() if dcrf else None)
     bar = tqdm(total=len(files), desc="test", unit="sample", disable=not progress)
+    skipped = []
     for start in range(0, len(files), batch_size):
-        samples = [data.load_sample(f) for f in files[start:start + batch_size]]
+        samples = []
+        for path in files[start:start + batch_size]:
+            try:
+                samples.append(data.load_sample(path))
+            except data.BadSample as e:
+                log.warning("skipping unreadable sample: %s", e)
+                skipped.append(path)
+        bar.update(len(files[start:start + batch_size]) - len(samples))
+        if not samples:
+            continue
         prepared = [prepare(s, image_size) for s in samples]
         words = np.stack([p[0] for p in prepared])
         images = np.stack([p[1] for p in prepared])
@@ -84,7 +98,7 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
                     save_visualization(vis_folder, start + k, sample, refined, suffix="_dcrf")
         bar.update(len(samples))
     bar.close()
-    return metrics, metrics_crf
+    return metrics, metrics_crf, skipped
 
 
 def test(cfg):
@@ -95,11 +109,13 @@ def test(cfg):
     prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
     log.info("Loading trained weights from %s", prefix)
     restore_model(model, prefix)
-    metrics, metrics_crf = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
+    metrics, metrics_crf, skipped = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
                                     cfg.vis_folder if cfg.visualize else None, progress=cfg.progress)
     log.info("%s", metrics.report("without DenseCRF"))
     results = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "iteration": cfg.iteration,
-               "snapshot": prefix, "without_dcrf": metrics.summary()}
+               "snapshot": prefix, "without_dcrf": metrics.summary(), "skipped_unreadable": skipped}
+    if skipped:
+        log.warning("%d unreadable sample(s) skipped (listed in the JSON)", len(skipped))
     if metrics_crf is not None:
         log.info("%s", metrics_crf.report("with DenseCRF"))
         results["with_dcrf"] = metrics_crf.summary()

@@ -13,13 +13,16 @@ import logging
 import os
 import re
 import shutil
+import time
 
 import tensorflow as tf
 
-from util.checkpoints import checkpoint_exists, load_backbone_weights, load_tf1_variables, read_tf1_checkpoint
+from util.checkpoints import CheckpointMismatch, checkpoint_exists, load_backbone_weights, load_tf1_variables, read_tf1_checkpoint
 
 log = logging.getLogger(__name__)
 _DATA_SUFFIX = ".data-00000-of-00001"
+# Fault injection for the interruption tests: seconds to pause between writing a snapshot and renaming it.
+FAULT_PAUSE_ENV = "REFSEG_FAULT_PAUSE_BEFORE_RENAME"
 
 
 def is_tf2_checkpoint(prefix):
@@ -36,6 +39,8 @@ def write_checkpoint_atomic(checkpoint, prefix):
         shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
     checkpoint.write(tmp)
+    if os.environ.get(FAULT_PAUSE_ENV):
+        time.sleep(float(os.environ[FAULT_PAUSE_ENV]))
     os.replace(tmp + _DATA_SUFFIX, prefix + _DATA_SUFFIX)
     os.replace(tmp + ".index", prefix + ".index")
     return prefix
@@ -92,9 +97,15 @@ def restore_model(model, prefix, optimizer=None):
     """
     if is_tf2_checkpoint(prefix):
         objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
-        status = tf.train.Checkpoint(**objects).read(prefix)
-        status.expect_partial()
-        status.assert_existing_objects_matched()
+        try:
+            status = tf.train.Checkpoint(**objects).read(prefix)
+            status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatch(
+                f"{prefix} is not a snapshot of this {model.model_name} (another model or other sizes?): "
+                f"{first_line[:300]}") from None
         return {"format": "tf2"}
     report = {"format": "tf1",
               "head": load_tf1_variables(model.head.tf1_variables(), prefix),

@@ -19,9 +19,19 @@ def load_vocab_dict_from_lines(lines):
 
 
 def load_vocab_dict_from_file(path):
-    """Read a vocabulary file (one word per line, UTF-8) with ``load_vocab_dict_from_lines``."""
+    """Read a vocabulary file (one word per line, UTF-8) with ``load_vocab_dict_from_lines``.
+
+    Raises ValueError naming the file when it is empty or lacks the originals' special ids
+    (``<pad>`` = 0, ``<unk>`` = 3): ids from such a file would not mean what the models were trained on.
+    """
     with open(path, encoding="utf-8") as f:
-        return load_vocab_dict_from_lines(f.read().splitlines())
+        vocab = load_vocab_dict_from_lines(f.read().splitlines())
+    if not vocab:
+        raise ValueError(f"vocabulary file {path} is empty")
+    if vocab.get("<pad>") != PAD_ID or vocab.get("<unk>") != UNK_ID:
+        raise ValueError(f"vocabulary file {path} must start with <pad>, <go>, <eos>, <unk> (ids 0-3) "
+                         f"like the originals' vocabulary_Gref.txt / vocabulary_referit.txt")
+    return vocab
 
 
 def tokenize(sentence):
