@@ -19,6 +19,7 @@ from util.crf import dense_crf
 from util.image import img_as_ubyte, resize_and_crop, resize_and_pad
 from util.metrics import SegmentationMetrics, write_json_atomic
 from util.snapshots import find_snapshot, restore_model
+from util.summaries import write_test_scalars
 
 SCORE_THRESHOLD = 1e-9
 log = logging.getLogger("test")
@@ -119,6 +120,8 @@ def test(cfg):
     if metrics_crf is not None:
         log.info("%s", metrics_crf.report("with DenseCRF"))
         results["with_dcrf"] = metrics_crf.summary()
+    if cfg.logdir:
+        write_test_scalars(cfg.logdir, results, cfg.iteration)
     json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
     write_json_atomic(results, json_path)
     log.info("metrics written to %s", json_path)
