@@ -1,0 +1,165 @@
+"""Segment the object one sentence refers to in one image; write the mask and an overlay PNG.
+
+    python demo.py --img photo.jpg --text "man on the right" -n CMPC_model -f ckpts/unc/cmpc_model -i 700000
+    python demo.py --img photo.jpg --text "man on the right" --saved-model exported/cmpc_unc --crf
+
+From a snapshot (``-n -f -i``, TF2 or original TF1) the image goes through the test loop's own functions
+(``util.evaluate.prepare`` / ``predict_masks``, ``util.text.preprocess_sentence`` with the ``-d`` vocabulary);
+from a SavedModel of ``trainval_model.py -m export`` everything but DenseCRF runs inside the SavedModel.
+
+Writes ``<out>_mask.png`` (8-bit, 255 = object, the image's size) and ``<out>_overlay.png`` (the sentence on a white
+band above the image; object pixels blended 50/50 with red — with cyan where a pixel is pure red — and every other
+image pixel unchanged). ``--out`` defaults to the image's file name without extension, in the current folder.
+"""
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger("demo")
+RED = np.array([255, 0, 0], np.uint16)
+CYAN = np.array([0, 255, 255], np.uint16)
+TITLE_FONT_SIZE = 14
+TITLE_MARGIN = 4
+
+
+def parse_args(argv):
+    from models import MODEL_NAMES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--img", required=True, help="input image (any format PIL reads; converted to RGB)")
+    p.add_argument("--text", required=True, help="the referring sentence")
+    p.add_argument("-n", default="CMPC_model", choices=MODEL_NAMES, help="model (with -f/-i)")
+    p.add_argument("-f", default=None, help="snapshot folder (RMI/LSTM default ./<dataset>/tfmodel)")
+    p.add_argument("-i", type=int, default=None, help="snapshot iteration (required with -f)")
+    p.add_argument("--saved-model", default=None, help="a SavedModel folder written by trainval_model.py -m export")
+    p.add_argument("-d", default="unc", choices=("Gref", "unc", "unc+", "referit"),
+                   help="dataset the snapshot was trained on (picks the vocabulary)")
+    p.add_argument("-w", default="deeplab", choices=("deeplab", "resnet"), help="RMI/LSTM backbone variant")
+    p.add_argument("-emb", action="store_true", help="CMPC: the snapshot was trained with -emb")
+    p.add_argument("--img-size", type=int, default=320, help="network input size of the snapshot (320)")
+    p.add_argument("--data-dir", default="data", help="folder of the vocabularies (and CMPC's GloVe matrix)")
+    p.add_argument("--vocab-file", default=None, help="vocabulary (default <data-dir>/vocabulary_Gref.txt, "
+                                                      "referit: vocabulary_referit.txt)")
+    p.add_argument("--crf", action="store_true", help="refine the mask with DenseCRF")
+    p.add_argument("--out", default=None, help="output prefix: <out>_mask.png, <out>_overlay.png")
+    return p.parse_args(argv)
+
+
+def read_image(path):
+    """uint8 RGB [H, W, 3] of ``path``; FileNotFoundError / ValueError with one-line messages."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def mask_from_snapshot(args, image):
+    """Bool [H, W]: the test loop's prediction (``--crf``: DenseCRF's) of snapshot ``-i`` of ``-f``."""
+    import tensorflow as tf
+
+    from models import build_model, canonical_name
+    from util.config import RunConfig
+    from util.evaluate import predict_masks, prepare
+    from util.snapshots import find_snapshot, restore_model
+    from util.text import load_vocab_dict_from_file, preprocess_sentence
+
+    if args.i is None:
+        raise ValueError("-i (snapshot iteration) is required unless --saved-model is given")
+    cfg = RunConfig(mode="test", model=canonical_name(args.n), dataset=args.d, iteration=args.i, folder=args.f,
+                    emb=args.emb, weights=args.w, image_size=args.img_size, data_dir=args.data_dir,
+                    vocab_file=args.vocab_file)
+    if not os.path.isfile(cfg.vocab_file):
+        raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
+    words = preprocess_sentence(args.text, load_vocab_dict_from_file(cfg.vocab_file))
+    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
+                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
+    restore_model(model, prefix)
+    log.info("restored %s from %s", cfg.model, prefix)
+    words, net_input, proc_im = prepare({"im_batch": image, "text_batch": np.asarray(words)}, cfg.image_size)
+    outputs = model(tf.constant(net_input[None]), tf.constant(words[None]))
+    plain, refined = predict_masks(outputs["up"].numpy()[0, :, :, 0], outputs["sigm"].numpy()[0, :, :, 0],
+                                   proc_im, image.shape[:2], args.crf)
+    return (refined if args.crf else plain) != 0
+
+
+def mask_from_saved_model(args, image):
+    """Bool [H, W]: the SavedModel's ``mask`` (``--crf``: DenseCRF on its probability map and padded image, mapped
+    back with ``resize_and_crop``)."""
+    import tensorflow as tf
+
+    from util.crf import dense_crf
+    from util.image import resize_and_crop
+
+    if not os.path.isfile(os.path.join(args.saved_model, "saved_model.pb")):
+        raise FileNotFoundError(f"SavedModel {args.saved_model} not found (no saved_model.pb)")
+    serve = tf.saved_model.load(args.saved_model).signatures["serving_default"]
+    outputs = serve(image=tf.constant(image), sentence=tf.constant(args.text))
+    if not args.crf:
+        return outputs["mask"].numpy() != 0
+    refined = dense_crf(outputs["probability"].numpy(), outputs["padded_image"].numpy())
+    return resize_and_crop(refined, *image.shape[:2]) != 0
+
+
+def overlay(image, mask, title):
+    """uint8 RGB [band + H, W, 3]: ``title`` in black on a white band (wrapped to the width), above ``image`` whose
+    pixels under ``mask`` are ⌊(pixel + tint) / 2⌋ with tint red, or cyan for pure-red pixels (so every one of them
+    changes); pixels outside ``mask`` are copied unchanged."""
+    pixels = image.astype(np.uint16)
+    tint = np.where(np.all(pixels == RED, axis=-1, keepdims=True), CYAN, RED)
+    tinted = np.where(mask[..., None], (pixels + tint) // 2, pixels).astype(np.uint8)
+    font = ImageFont.load_default(size=TITLE_FONT_SIZE)
+    width = image.shape[1]
+    chars_per_line = max(1, int((width - 2 * TITLE_MARGIN) / max(font.getlength("x"), 1)))
+    lines = textwrap.wrap(title, chars_per_line) or [""]
+    line_height = TITLE_FONT_SIZE + TITLE_MARGIN
+    band = len(lines) * line_height + TITLE_MARGIN
+    canvas = Image.new("RGB", (width, band + image.shape[0]), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((TITLE_MARGIN, TITLE_MARGIN + k * line_height), line, fill="black", font=font)
+    canvas.paste(Image.fromarray(tinted), (0, band))
+    return np.asarray(canvas)
+
+
+def run(args):
+    """Compute the mask and write both PNGs; returns (mask path, overlay path)."""
+    image = read_image(args.img)
+    if not args.text.strip():
+        raise ValueError("empty sentence: --text has no words")
+    mask = mask_from_saved_model(args, image) if args.saved_model else mask_from_snapshot(args, image)
+    prefix = args.out or os.path.splitext(os.path.basename(args.img))[0]
+    if os.path.dirname(prefix):
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    mask_path, overlay_path = f"{prefix}_mask.png", f"{prefix}_overlay.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    Image.fromarray(overlay(image, mask, args.text)).save(overlay_path)
+    log.info("wrote %s and %s (%d of %d pixels on)", mask_path, overlay_path, int(mask.sum()), mask.size)
+    return mask_path, overlay_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    from util.checkpoints import CheckpointMismatch
+
+    try:
+        run(args)
+    except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
+        log.error("error: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
