@@ -1,0 +1,129 @@
+"""``-m bench -n <model>``: throughput of the eval forward and of one train step, against this machine's matmul peak.
+
+For each batch size of ``cfg.bench_batch_sizes`` and XLA off/on: the eval forward (``sigm`` output) and one full train
+step (forward, backward, TF1 Adam update) on random 320×320 images (``cfg.image_size``) and a fixed 20-token
+sentence, with seeded weights (no data files: the backbone gets ``models.backbone.seeded_weights``, CMPC a seeded
+12112×300 embedding). Each is called once to trace/compile and once to warm up, then timed ``repeats`` times
+(``cfg.bench_repeats``, default 5); the median is reported.
+
+FLOPs per image come from TensorFlow's profiler (``float_operation``: 2 per multiply-add of convolutions and
+matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone, the whole forward (head = difference) and
+the whole train step. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is a 4096×4096 matmul in the
+compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
+the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
+"""
+import json
+import logging
+import resource
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.profiler.model_analyzer import profile
+from tensorflow.python.profiler.option_builder import ProfileOptionBuilder
+
+from models import build_model
+from util.metrics import write_json_atomic
+from util.optim import TF1Adam
+from util.train import COMPUTE_DTYPES, initialize_backbone, make_train_step
+
+log = logging.getLogger("bench")
+MATMUL_SIZE = 4096
+SENTENCE_LENGTH = 20
+EMBEDDING_SHAPE = (12112, 300)
+
+
+def _median_seconds(fn, repeats):
+    """Call ``fn`` twice (trace/compile, warm-up), then ``repeats`` timed calls; returns the median in seconds."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype, repeats, n=MATMUL_SIZE):
+    """GFLOP/s of an n×n by n×n matmul (2n³ FLOPs) in ``dtype``: the machine's practical peak."""
+    a = tf.random.stateless_normal([n, n], seed=[1, 2], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x)[:1, :1], tf.float32)))
+    return 2.0 * n ** 3 / _median_seconds(lambda: matmul(a).numpy(), repeats) / 1e9
+
+
+def graph_flops(fn, *specs):
+    """Float operations of ``tf.function(fn)`` traced at ``specs`` (TF profiler, ``float_operation``)."""
+    graph = tf.function(fn).get_concrete_function(*specs).graph
+    options = ProfileOptionBuilder(ProfileOptionBuilder.float_operation()).with_empty_output().build()
+    return profile(graph, options=options).total_float_ops
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench(cfg):
+    """Run the benchmark of ``cfg.model`` (see the module docstring); returns the result dict (also logged and,
+    with ``cfg.bench_json``, written as JSON)."""
+    repeats = getattr(cfg, "bench_repeats", 5)
+    dtype = COMPUTE_DTYPES[cfg.precision]
+    size = cfg.image_size
+    embedding = (np.random.RandomState(cfg.seed).uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32)
+                 if cfg.model == "CMPC_model" else None)
+    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=embedding, image_size=size,
+                        weights=cfg.weights, seed=cfg.seed)
+    initialize_backbone(model.backbone, "random", cfg.seed)
+    tvars = model.train_variables(cfg.conv5)
+    optimizer = TF1Adam(tvars, cfg.lr, model.head.LR_DECAY_STEPS, model.head.STEP_NAME)
+
+    def forward(inputs):
+        return model(tf.cast(inputs[0], dtype), inputs[1])
+
+    image_spec = tf.TensorSpec([1, size, size, 3], tf.float32)
+    words_spec = tf.TensorSpec([1, SENTENCE_LENGTH], tf.int32)
+    target_spec = tf.TensorSpec([1, size, size, 1], tf.float32)
+    backbone_flops = graph_flops(lambda im: model.backbone(tf.cast(im, dtype)), image_spec)
+    eval_flops = graph_flops(lambda im, w: forward((im, w))["sigm"], image_spec, words_spec)
+    train_flops = graph_flops(make_train_step(forward, model.head.losses, model.head.OBJECTIVE, tvars,
+                                              optimizer).python_function, (image_spec, words_spec), target_spec)
+    peak = matmul_gflops(dtype, repeats)
+    result = {"model": cfg.model, "image_size": size, "precision": cfg.precision, "repeats": repeats,
+              "flops_per_image": {"backbone": backbone_flops, "head": eval_flops - backbone_flops,
+                                  "eval": eval_flops, "train_step": train_flops},
+              "matmul_gflops": peak, "runs": []}
+    log.info("%s %dx%d %s: GFLOP per image: backbone %.1f, head %.1f, eval %.1f, train step %.1f; "
+             "%d×%d matmul %.0f GFLOP/s", cfg.model, size, size, cfg.precision, backbone_flops / 1e9,
+             (eval_flops - backbone_flops) / 1e9, eval_flops / 1e9, train_flops / 1e9, MATMUL_SIZE, MATMUL_SIZE, peak)
+
+    rng = np.random.RandomState(cfg.seed)
+    state = [v.numpy() for v in tvars.values()]
+    for xla in getattr(cfg, "bench_xla", (False, True)):
+        eval_fn = tf.function(lambda im, w: forward((im, w))["sigm"], jit_compile=xla)
+        step_fn = make_train_step(forward, model.head.losses, model.head.OBJECTIVE, tvars, optimizer, jit_compile=xla)
+        for batch in cfg.bench_batch_sizes:
+            images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
+            words = tf.constant(np.tile(np.arange(1, SENTENCE_LENGTH + 1, dtype=np.int32), (batch, 1)))
+            target = tf.constant((rng.uniform(size=(batch, size, size, 1)) > 0.7).astype(np.float32))
+            for kind, fn, flops in (("eval", lambda: eval_fn(images, words).numpy(), eval_flops),
+                                    ("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(),
+                                     train_flops)):
+                seconds = _median_seconds(fn, repeats)
+                images_per_s = batch / seconds
+                gflops = flops * images_per_s / 1e9
+                run = {"kind": kind, "batch": batch, "xla": xla, "median_s": seconds, "images_per_s": images_per_s,
+                       "gflops": gflops, "percent_of_matmul": 100.0 * gflops / peak, "peak_rss_mb": peak_rss_mb()}
+                if kind == "eval":
+                    run["backbone_gflops"] = backbone_flops * images_per_s / 1e9
+                result["runs"].append(run)
+                log.info("%-5s batch %2d xla %-5s %8.3f s  %7.2f images/s  %7.1f GFLOP/s  %5.1f %% of matmul  "
+                         "peak RSS %.0f MB", kind, batch, xla, seconds, images_per_s, gflops, run["percent_of_matmul"],
+                         run["peak_rss_mb"])
+        for var, value in zip(tvars.values(), state):
+            var.assign(value)
+    if cfg.bench_json:
+        write_json_atomic(result, cfg.bench_json)
+        log.info("wrote %s", cfg.bench_json)
+    return result
