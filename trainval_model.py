@@ -59,6 +59,10 @@ def parse_args(argv):
                    help="export: vocabulary (default <data-dir>/vocabulary_Gref.txt, referit: vocabulary_referit.txt)")
     p.add_argument("--bench-batch-sizes", default="1,8", help="bench: comma-separated batch sizes")
     p.add_argument("--bench-json", default=None, help="bench: also write the figures as JSON here")
+    p.add_argument("--bench-repeats", type=int, default=5, help="bench: timed calls per case (median; at least 5)")
+    p.add_argument("--bench-no-xla", action="store_true", help="bench: skip the XLA cases")
+    p.add_argument("--data-format", default="auto", choices=("auto", "npz", "tfrecord"),
+                   help="train: read .npz files or TFRecord shards (auto: .npz when present)")
     return p.parse_args(argv)
 
 
@@ -75,7 +79,8 @@ def config_from_args(args):
         progress=sys.stderr.isatty(), precision=args.precision, strategy=args.strategy, logdir=args.logdir,
         summary_every=args.summary_every, image_summary_every=args.image_summary_every, export_dir=args.export_dir,
         vocab_file=args.vocab_file, bench_batch_sizes=tuple(int(b) for b in args.bench_batch_sizes.split(",")),
-        bench_json=args.bench_json)
+        bench_json=args.bench_json, bench_repeats=args.bench_repeats,
+        bench_xla=(False,) if args.bench_no_xla else (False, True), data_format=args.data_format)
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ the whole train step. Achieved GFLOP/s = FLOPs per image × images/s; the practi
 compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
 the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
 """
-import json
 import logging
 import resource
 import statistics
@@ -68,7 +67,7 @@ def peak_rss_mb():
 def bench(cfg):
     """Run the benchmark of ``cfg.model`` (see the module docstring); returns the result dict (also logged and,
     with ``cfg.bench_json``, written as JSON)."""
-    repeats = getattr(cfg, "bench_repeats", 5)
+    repeats = cfg.bench_repeats
     dtype = COMPUTE_DTYPES[cfg.precision]
     size = cfg.image_size
     embedding = (np.random.RandomState(cfg.seed).uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32)
@@ -100,7 +99,7 @@ def bench(cfg):
 
     rng = np.random.RandomState(cfg.seed)
     state = [v.numpy() for v in tvars.values()]
-    for xla in getattr(cfg, "bench_xla", (False, True)):
+    for xla in cfg.bench_xla:
         eval_fn = tf.function(lambda im, w: forward((im, w))["sigm"], jit_compile=xla)
         step_fn = make_train_step(forward, model.head.losses, model.head.OBJECTIVE, tvars, optimizer, jit_compile=xla)
         for batch in cfg.bench_batch_sizes:

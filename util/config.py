@@ -55,6 +55,9 @@ class RunConfig:
     vocab_file: str = None
     bench_batch_sizes: tuple = (1, 8)
     bench_json: str = None
+    bench_repeats: int = 5
+    bench_xla: tuple = (False, True)
+    data_format: str = "auto"
 
     def __post_init__(self):
         max_iter, snapshot, stop, keep = MODEL_DEFAULTS[self.model]

@@ -240,7 +240,7 @@ def train(cfg):
     if cfg.batch_size % replicas:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {replicas} replicas")
     chief = is_chief(strategy)
-    source = data.training_source(cfg.batch_folder, cfg.batch_prefix, getattr(cfg, "data_format", "auto"))
+    source = data.training_source(cfg.batch_folder, cfg.batch_prefix, cfg.data_format)
     dtype = COMPUTE_DTYPES[cfg.precision]
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
