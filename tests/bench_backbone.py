@@ -10,15 +10,14 @@ matmul (n×n by n×n, 2n³ FLOPs) timed in the same run. The weights are random:
 import argparse
 import math
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from models.backbone import STAGES, Backbone, unit_names, variable_shapes  # noqa: E402
+from util.bench import median_seconds  # noqa: E402
 
 
 def conv_flops(height, width, batch=1):
@@ -40,17 +39,6 @@ def conv_flops(height, width, batch=1):
         k, _, cin, cout = shape
         total += 2 * k * k * cin * cout * pixels
     return batch * total
-
-
-def median_time(fn, repeats):
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up (which includes any compilation)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -77,7 +65,7 @@ def main():
     n = args.matmul
     a, b = (tf.constant(rng.standard_normal([n, n]).astype(np.float32)) for _ in range(2))
     matmul = tf.function(lambda: tf.matmul(a, b))
-    t_mm = median_time(lambda: matmul().numpy(), max(args.repeats, 5))
+    t_mm = median_seconds(lambda: matmul().numpy(), max(args.repeats, 5))
     peak = 2 * n ** 3 / t_mm / 1e9
 
     flops = conv_flops(args.size, args.size, args.batch)
@@ -87,7 +75,7 @@ def main():
     print(f"forward {args.batch}x{args.size}x{args.size}: {flops / 1e9:.1f} GFLOP (convs)")
     for label, jit in (("tf.function", False), ("tf.function(jit_compile=True)", True)):
         forward = tf.function(lambda x: backbone(x)["res5c_relu"], jit_compile=jit)
-        seconds = median_time(lambda: forward(images).numpy(), args.repeats)
+        seconds = median_seconds(lambda: forward(images).numpy(), args.repeats)
         rate = flops / seconds / 1e9
         print(f"{label:32s} median {seconds * 1e3:8.1f} ms  {rate:7.1f} GFLOP/s  {rate / peak:5.2f} × matmul")
 

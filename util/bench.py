@@ -33,7 +33,7 @@ SENTENCE_LENGTH = 20
 EMBEDDING_SHAPE = (12112, 300)
 
 
-def _median_seconds(fn, repeats):
+def median_seconds(fn, repeats):
     """Call ``fn`` twice (trace/compile, warm-up), then ``repeats`` timed calls; returns the median in seconds."""
     for _ in range(2):
         fn()
@@ -50,7 +50,7 @@ def matmul_gflops(dtype, repeats, n=MATMUL_SIZE):
     a = tf.random.stateless_normal([n, n], seed=[1, 2], dtype=tf.float32)
     a = tf.cast(a, dtype)
     matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x)[:1, :1], tf.float32)))
-    return 2.0 * n ** 3 / _median_seconds(lambda: matmul(a).numpy(), repeats) / 1e9
+    return 2.0 * n ** 3 / median_seconds(lambda: matmul(a).numpy(), repeats) / 1e9
 
 
 def graph_flops(fn, *specs):
@@ -109,7 +109,7 @@ def bench(cfg):
             for kind, fn, flops in (("eval", lambda: eval_fn(images, words).numpy(), eval_flops),
                                     ("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(),
                                      train_flops)):
-                seconds = _median_seconds(fn, repeats)
+                seconds = median_seconds(fn, repeats)
                 images_per_s = batch / seconds
                 gflops = flops * images_per_s / 1e9
                 run = {"kind": kind, "batch": batch, "xla": xla, "median_s": seconds, "images_per_s": images_per_s,
