@@ -121,8 +121,12 @@ def test_cmpc_trains_and_tests(sample, tmp_path):
     losses = logged_losses(out)
     assert np.mean([losses[20], losses[30]]) < 0.5 * losses[0], losses
     assert "Collecting variables for regularization:" in out and "\ttext_objseg/fusion_c5/DW" in out
-    out = run(["-m", "test", "-t", "val", *common(sample, "CMPC_model", tmp_path), "-emb", "-i", "40"]).stdout
-    assert "overall IoU = " in out and (tmp_path / "unc_iter_40.unc_val.json").is_file()
+    out = run(["-m", "test", "-t", "val", *common(sample, "CMPC_model", tmp_path), "-emb", "-i", "40", "-c", "-v",
+               "--vis-dir", str(tmp_path / "vis")]).stdout
+    assert metric_block(out, "with DenseCRF")[6].startswith("overall IoU = ")
+    results = json.loads((tmp_path / "unc_iter_40.unc_val.json").read_text())
+    assert set(results) >= {"without_dcrf", "with_dcrf"}
+    assert (tmp_path / "vis" / "000000_pred_dcrf.png").is_file()
 
 
 @pytest.mark.parametrize("model,short", [("RMI", "RMI"), ("LSTM_model", "LSTM")])
