@@ -53,11 +53,3 @@ def test_summary_iterator_finds_every_named_scalar(tmp_path, with_crf):
         assert step == 150 and plugin == "scalars"
         assert got == pytest.approx(value, abs=1e-7)
 
-
-def test_tensorboard_event_accumulator_reads_the_scalars(tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    write_test_scalars(str(tmp_path), RESULTS, step=7)
-    acc = event_accumulator.EventAccumulator(str(tmp_path))
-    acc.Reload()
-    tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
-    assert set(expected(RESULTS)) <= tags

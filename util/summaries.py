@@ -6,8 +6,12 @@ Written with the core ``tf.summary.write`` and TensorBoard's ``scalars`` plugin 
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+def plugin_metadata(plugin):
+    """Summary metadata naming the TensorBoard plugin (``scalars``, ``images``) that displays a ``tf.summary.write``."""
+    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+
+
+_SCALAR_METADATA = plugin_metadata("scalars")
 _VARIANTS = ("without_dcrf", "with_dcrf")
 
 

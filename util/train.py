@@ -1,11 +1,12 @@
 """Training: one ``tf.function`` step with the originals' objective, and the training loop."""
 import contextlib
 import logging
+import sys
 import time
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
+from tqdm import tqdm
 
 from models import build_model
 from models.backbone import seeded_weights
@@ -15,6 +16,7 @@ from util.checkpoints import load_backbone_weights
 from util.metrics import compute_accuracy
 from util.optim import WEIGHT_DECAY, TF1Adam, gradient_multiplier, is_regularized, l2_regularization
 from util.snapshots import Snapshots, restore_model
+from util.summaries import plugin_metadata
 
 RANDOM_INIT = "random"
 log = logging.getLogger("train")
@@ -154,8 +156,8 @@ class TrainSummaries:
     def __init__(self, logdir, every, image_every, mu=data.MU):
         self.writer = tf.summary.create_file_writer(logdir)
         self.every, self.image_every, self.mu = every, image_every, mu
-        self._scalar = _plugin_metadata("scalars")
-        self._image = _plugin_metadata("images")
+        self._scalar = plugin_metadata("scalars")
+        self._image = plugin_metadata("images")
 
     def write(self, n_iter, losses, acc, avg_acc, image, target, sigm):
         """Write iteration ``n_iter``'s summaries that are due. ``image`` [B,H,W,3] BGR − mu, ``target`` and
@@ -183,8 +185,6 @@ class TrainSummaries:
         self.writer.close()
 
 
-def _plugin_metadata(plugin):
-    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
 
 
 class TrainingDiverged(RuntimeError):
@@ -295,6 +295,9 @@ def train(cfg):
     averages = MovingAverages()
     score_size = None
     last_time = time.time()
+    end = min(cfg.max_iter, cfg.stop_iter)
+    bar = tqdm(total=end, initial=min(start, end), desc="train", unit="iter", disable=not cfg.progress,
+               file=sys.stderr)
     for n_iter in range(start, cfg.max_iter):
         words, image, target = next(batches)
         losses, outputs = step_fn((image, words), target)
@@ -319,11 +322,13 @@ def train(cfg):
             log.info("iter = %d, accuracy (avg) = %f (all), %f (pos), %f (neg)", n_iter, *avg_acc)
             log.info("iter = %d, cur time = %.5f, model_name: %s", n_iter, now - last_time, cfg.model)
         last_time = now
+        bar.update(1)
         if chief and ((n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter):
             log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1))
         if n_iter + 1 >= cfg.stop_iter:
             log.info("stop training at iter %d", cfg.stop_iter)
             break
+    bar.close()
     if summaries is not None:
         summaries.close()
     log.info("Optimization done.")
