@@ -37,7 +37,8 @@ import numpy as np
 
 from util import image as im_proc
 from util import text as text_proc
-from util.refer import SPLITS, AnnotationError, Refer, ann_to_mask, coco_image_name, load_json, load_referit_gt_mask
+from util.refer import (SPLITS, AnnotationError, Refer, ann_to_mask, coco_image_name, load_referit_gt_mask,
+                        load_referit_queries)
 
 log = logging.getLogger("build_batches")
 
@@ -50,6 +51,10 @@ DATASETS = ("unc", "unc+", "Gref", "referit")
 
 class UsageError(Exception):
     """Bad command-line choice (unknown dataset, split or split-by)."""
+
+
+class CorruptBatch(Exception):
+    """An existing ``.npz`` that ``--format tfrecord`` would pack is unreadable (message names it)."""
 
 
 class BadSample(Exception):
@@ -71,18 +76,13 @@ def is_train_split(split):
 
 
 def read_image(path):
-    """Decode a JPEG as stored (no EXIF rotation): uint8 [H, W] for grayscale, [H, W, 3] otherwise (modes other
-    than L and RGB are converted to RGB). Raises BadSample('missing image' / 'unreadable image')."""
-    from PIL import Image, UnidentifiedImageError
+    """``util.image.read_image`` at the stored size (uint8 [H, W] for one-channel files, [H, W, 3] otherwise; 16-bit,
+    float, alpha and palette files mapped to 8 bits as documented there). Raises BadSample('missing image' /
+    'unreadable image' / 'image too large')."""
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")
-            return np.asarray(img)
-    except FileNotFoundError:
-        raise BadSample("missing image", path) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadSample("unreadable image", f"{path} ({e})") from None
+        return im_proc.read_image(path)[0]
+    except im_proc.ImageReadError as e:
+        raise BadSample(e.reason, e.detail) from None
 
 
 def process_pair(im, mask, train, size):
@@ -128,31 +128,69 @@ def _load_unit_pair(unit):
             mask = load_referit_gt_mask(src)
     except FileNotFoundError:
         raise BadSample("missing mask", src) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise BadSample("unreadable mask", f"{src if kind != 'coco' else unit['image']} ({type(e).__name__}: {e})") from None
     if mask.shape != im.shape[:2]:
         raise BadSample("mask size mismatch", f"mask {mask.shape} vs image {im.shape[:2]} for {unit['image']}")
     return im, mask
 
 
+def existing_sample_problem(path, ids, sentence, size):
+    """None when ``path`` is a complete sample of this plan, else why it must be rewritten (a short phrase).
+
+    Complete: a readable archive (every member read, so zip CRCs are checked) with exactly the four keys;
+    ``text_batch`` int64 equal to ``ids``; ``sent_batch`` one element equal to ``sentence``; ``im_batch`` uint8
+    [H, W, 3] (H = W = ``size`` when ``size`` is given, i.e. training splits); ``mask_batch`` bool [H, W].
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if sorted(npz.files) != ["im_batch", "mask_batch", "sent_batch", "text_batch"]:
+                return f"keys {sorted(npz.files)}"
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        return f"unreadable ({type(e).__name__})"
+    im, mask, text, sent = (arrays[k] for k in ("im_batch", "mask_batch", "text_batch", "sent_batch"))
+    if text.dtype != np.int64 or text.tolist() != list(ids):
+        return "other token ids (vocabulary or annotations changed?)"
+    stored = sent.ravel()[0] if sent.size == 1 else None
+    if isinstance(stored, bytes):
+        stored = stored.decode("utf-8", "replace")
+    if stored is None or str(stored) != sentence:
+        return "another sentence"
+    if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 or (size and im.shape[:2] != (size, size)):
+        return f"image {im.dtype} {list(im.shape)}"
+    if mask.dtype != np.bool_ or mask.shape != im.shape[:2]:
+        return f"mask {mask.dtype} {list(mask.shape)}"
+    return None
+
+
 def process_unit(unit, train, size):
-    """Write the missing files of one unit (one image + mask, several sentences).
+    """Write the missing or invalid files of one unit (one image + mask, several sentences).
 
     ``unit``: dict(image=path, mask=('coco', segmentation) | ('referit', mat_path), samples=[(out_path, ids,
-    sentence)]). Returns (written, already_present, (reason, message) or None, n_bad).
+    sentence)]). A file already there counts as present only if ``existing_sample_problem`` finds none (size
+    checked for training splits); otherwise it is rewritten. Returns (written, already_present, (reason, message)
+    or None, n_bad, [(path, why) of the rewritten files]).
     """
-    todo = [s for s in unit["samples"] if not os.path.exists(s[0])]
+    todo, replaced = [], []
+    for sample in unit["samples"]:
+        if os.path.exists(sample[0]):
+            why = existing_sample_problem(sample[0], sample[1], sample[2], size if train else None)
+            if why is None:
+                continue
+            replaced.append((sample[0], why))
+        todo.append(sample)
     present = len(unit["samples"]) - len(todo)
     if not todo:
-        return 0, present, None, 0
+        return 0, present, None, 0, replaced
     try:
         im, mask = process_pair(*_load_unit_pair(unit), train, size)
     except BadSample as e:
-        return 0, present, (e.reason, str(e)), len(todo)
+        return 0, present, (e.reason, str(e)), len(todo), replaced
     for out_path, ids, sent in todo:
         save_npz_atomic(out_path, text_batch=np.array(ids, dtype=np.int64), im_batch=im, mask_batch=mask,
                         sent_batch=np.array([sent]))
-    return len(todo), present, None, 0
+    return len(todo), present, None, 0, replaced
 
 
 def _process_unit_star(args):
@@ -169,9 +207,19 @@ def _tokenize_or_skip(sent, vocab, where, skipped):
         return None
 
 
+def _report_problems(problems, skipped, reason, n_left_out):
+    """Warn each annotation problem (one line each) and count the ``n_left_out`` entries under ``reason``."""
+    for problem in problems:
+        log.warning("%s", problem)
+    if n_left_out:
+        skipped[reason] += n_left_out
+
+
 def plan_coco(args, out_folder, prefix, vocab, skipped):
-    """Work units of a COCO dataset split: one per ref in ascending ref_id, numbered over its valid sentences."""
+    """Work units of a COCO dataset split: one per ref in ascending ref_id, numbered over its valid sentences.
+    Annotation entries that ``Refer`` left out are warned and counted ('bad annotation entry')."""
     refer = Refer(args.refer_root, COCO_SOURCES[args.d], args.split_by)
+    _report_problems(refer.problems, skipped, "bad annotation entry", len(refer.problems))
     units, n = [], 0
     for ref_id in refer.ref_ids(args.t):
         ref = refer.refs[ref_id]
@@ -185,7 +233,8 @@ def plan_coco(args, out_folder, prefix, vocab, skipped):
             samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sentence["sent"]))
             n += 1
         if ann is None:
-            skipped[f"annotation {ref['ann_id']} not in instances.json"] += len(samples)
+            where = "unusable" if ref["ann_id"] in refer.bad_ann_ids else "not"
+            skipped[f"annotation {ref['ann_id']} {where} in instances.json"] += len(samples)
             continue
         if samples:
             units.append({"image": os.path.join(args.image_root, coco_image_name(ref["image_id"])),
@@ -194,8 +243,11 @@ def plan_coco(args, out_folder, prefix, vocab, skipped):
 
 
 def plan_referit(args, out_folder, prefix, vocab, skipped):
-    """Work units of a ReferIt split: one per region key in sorted order, numbered over its valid queries."""
-    query_dict = load_json(os.path.join(args.data_root, "data", f"referit_query_{args.t}.json"))
+    """Work units of a ReferIt split: one per region key in sorted order, numbered over its valid queries (a key
+    holding a single string is one query; other malformed values are warned and counted, ``load_referit_queries``)."""
+    query_dict, problems, n_bad = load_referit_queries(
+        os.path.join(args.data_root, "data", f"referit_query_{args.t}.json"))
+    _report_problems(problems, skipped, "bad query entry", n_bad)
     mask_dir = os.path.join(args.data_root, "data", "referit", "mask")
     units, n = [], 0
     for key in sorted(query_dict):
@@ -286,6 +338,7 @@ def run(args):
     total = sum(len(u["samples"]) for u in units)
     stats = Counter()
     tasks = [(u, train, args.img_size) for u in units]
+    first_replaced = []
     start = time.perf_counter()
     from tqdm import tqdm
     with tqdm(total=total, unit="sample", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
@@ -296,9 +349,12 @@ def run(args):
             pool = multiprocessing.get_context("spawn").Pool(args.jobs)
             results = pool.imap(_process_unit_star, tasks)
         try:
-            for unit, (written, present, bad, n_bad) in zip(units, results):
+            for unit, (written, present, bad, n_bad, replaced) in zip(units, results):
                 stats["written"] += written
                 stats["present"] += present
+                stats["replaced"] += len(replaced)
+                if replaced and not first_replaced:
+                    first_replaced.extend(replaced[0])
                 if bad:
                     log.warning("skipping %d sample(s): %s", n_bad, bad[1])
                     skipped[bad[0]] += n_bad
@@ -314,6 +370,9 @@ def run(args):
     log.info("%s %s: %d samples written, %d already present, %d skipped%s in %.1f s (%.1f samples/s) -> %s",
              name, args.t, stats["written"], stats["present"], n_skipped, f" ({reasons})" if reasons else "",
              elapsed, stats["written"] / elapsed if elapsed > 0 else 0.0, out_folder)
+    if stats["replaced"]:
+        log.warning("rewrote %d existing file(s) that were incomplete or of another build (first: %s: %s)",
+                    stats["replaced"], *first_replaced)
     if stats["gaps"]:
         log.warning("%d sample numbers are unused because of bad images/masks; DataReader stops at the first gap: "
                     "fix the files and re-run (existing files are kept)", stats["gaps"])
@@ -321,29 +380,38 @@ def run(args):
     if args.format == "tfrecord":
         from util import data  # imports TensorFlow when writing
 
-        data.write_tfrecords(data.batch_files(out_folder, prefix), data.tfrecord_folder(out_folder), prefix,
-                             args.shard_size)
+        try:
+            data.write_tfrecords(data.batch_files(out_folder, prefix), data.tfrecord_folder(out_folder), prefix,
+                                 args.shard_size)
+        except data.BadSample as e:
+            raise CorruptBatch(f"not packing TFRecords: {e}; delete that file and re-run build_batches.py") from None
     return stats
 
 
 def main(argv=None):
-    """CLI entry point: 0 on success (skipped samples included), 1 when the annotations cannot be read, 2 on a
-    bad command line. Messages go to stderr through logging, one line each."""
+    """CLI entry point: 0 on success (skipped samples included), 1 when the annotations cannot be read, an OS error
+    (permission denied, read-only or full disk, a file where a folder is expected; the path named) stops the run, or
+    ``--format tfrecord`` meets a corrupt ``.npz``; 2 on a bad command line. Messages go to stderr through logging,
+    one line each; every file is written under a temporary name and renamed, so an error leaves no partial file."""
     logging.basicConfig(level=logging.INFO, format="build_batches: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         args = parse_args(argv)
     except UsageError as e:
         log.error("%s", e)
         return 2
-    if args.make_sample:
-        from util.sample_data import make_sample
-        make_sample(args.make_sample)
-        log.info("sample dataset written under %s (use --data-root %s)", args.make_sample, args.make_sample)
-        return 0
     try:
-        run(args)
-    except AnnotationError as e:
+        if args.make_sample:
+            from util.sample_data import make_sample
+            make_sample(args.make_sample)
+            log.info("sample dataset written under %s (use --data-root %s)", args.make_sample, args.make_sample)
+        else:
+            run(args)
+    except (AnnotationError, CorruptBatch) as e:
         log.error("%s", e)
+        return 1
+    except OSError as e:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        log.error("%s%s", e.strerror or e, f": {where}" if where else "")
         return 1
     return 0
 

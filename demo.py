@@ -7,9 +7,16 @@ From a snapshot (``-n -f -i``, TF2 or original TF1) the image goes through the t
 (``util.evaluate.prepare`` / ``predict_masks``, ``util.text.preprocess_sentence`` with the ``-d`` vocabulary);
 from a SavedModel of ``trainval_model.py -m export`` everything but DenseCRF runs inside the SavedModel.
 
-Writes ``<out>_mask.png`` (8-bit, 255 = object, the image's size) and ``<out>_overlay.png`` (the sentence on a white
-band above the image; object pixels blended 50/50 with red — with cyan where a pixel is pure red — and every other
-image pixel unchanged). ``--out`` defaults to the image's file name without extension, in the current folder.
+Writes ``<out>_mask.png`` (8-bit, 255 = object, the decoded image's size) and ``<out>_overlay.png`` (the sentence on a
+white band above the image; object pixels blended 50/50 with red — with cyan where a pixel is pure red — and every
+other image pixel unchanged). ``--out`` defaults to the image's file name without extension, in the current folder.
+Both files are written under temporary names in their folder and renamed, so a failed run leaves no partial PNG.
+
+The image is read by ``util.image.read_image`` (16-bit, float, alpha, palette and CMYK files mapped to 8-bit RGB as
+documented there). An image whose longer side exceeds ``--max-side`` (default 2048, at least ``--img-size``) is
+decoded at a reduced size — JPEGs by libjpeg's 1/2, 1/4, 1/8 DCT scaling, so a 10000×10000 photo never exists in
+memory at full size — and the mask and overlay are written at that decoded size (logged). Errors are one line
+(``error: …``), exit 1; a bad command line exits 2.
 """
 import argparse
 import logging
@@ -27,6 +34,18 @@ RED = np.array([255, 0, 0], np.uint16)
 CYAN = np.array([0, 255, 255], np.uint16)
 TITLE_FONT_SIZE = 14
 TITLE_MARGIN = 4
+DEFAULT_MAX_SIDE = 2048
+
+
+def positive_int(text):
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
+    return value
 
 
 def parse_args(argv):
@@ -49,18 +68,31 @@ def parse_args(argv):
                                                       "referit: vocabulary_referit.txt)")
     p.add_argument("--crf", action="store_true", help="refine the mask with DenseCRF")
     p.add_argument("--out", default=None, help="output prefix: <out>_mask.png, <out>_overlay.png")
+    p.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE,
+                   help=f"decode larger images at a reduced size whose longer side is ≥ this (default "
+                        f"{DEFAULT_MAX_SIDE}; never below --img-size); outputs are written at that size")
     return p.parse_args(argv)
 
 
-def read_image(path):
-    """uint8 RGB [H, W, 3] of ``path``; FileNotFoundError / ValueError with one-line messages."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} not found")
+def read_image(path, max_side):
+    """uint8 RGB [H, W, 3] of ``path`` via ``util.image.read_image`` (one-channel results tiled to 3 channels, as
+    Pillow's L → RGB), decoded at a reduced size when its longer side exceeds ``max_side``. Raises
+    ``util.image.ImageReadError`` (a ValueError) with a one-line message naming the file."""
+    from util.image import ImageReadError
+    from util.image import read_image as decode
+
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        image, (orig_h, orig_w) = decode(path, max_side=max_side)
+    except ImageReadError as e:
+        if e.reason == "missing image":
+            raise FileNotFoundError(f"image {path} not found") from None
+        raise
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[:2] != (orig_h, orig_w):
+        log.info("%s is %d×%d: decoded at %d×%d (--max-side %d); the mask and overlay have that size", path, orig_w,
+                 orig_h, image.shape[1], image.shape[0], max_side)
+    return image
 
 
 def mask_from_snapshot(args, image):
@@ -133,22 +165,37 @@ def overlay(image, mask, title):
 
 
 def run(args):
-    """Compute the mask and write both PNGs; returns (mask path, overlay path)."""
-    image = read_image(args.img)
+    """Compute the mask and write both PNGs; returns (mask path, overlay path). The output folder is created and
+    both temporary files opened before the model runs (an unwritable folder fails first); they are renamed onto the
+    outputs only when both are complete, and removed on any error."""
     if not args.text.strip():
         raise ValueError("empty sentence: --text has no words")
-    mask = mask_from_saved_model(args, image) if args.saved_model else mask_from_snapshot(args, image)
+    image = read_image(args.img, max(args.max_side, args.img_size))
     prefix = args.out or os.path.splitext(os.path.basename(args.img))[0]
-    if os.path.dirname(prefix):
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    mask_path, overlay_path = f"{prefix}_mask.png", f"{prefix}_overlay.png"
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-    Image.fromarray(overlay(image, mask, args.text)).save(overlay_path)
-    log.info("wrote %s and %s (%d of %d pixels on)", mask_path, overlay_path, int(mask.sum()), mask.size)
-    return mask_path, overlay_path
+    folder = os.path.dirname(prefix) or "."
+    os.makedirs(folder, exist_ok=True)
+    paths = (f"{prefix}_mask.png", f"{prefix}_overlay.png")
+    temps = []
+    try:
+        for path in paths:
+            temps.append(f"{path}.{os.getpid()}.tmp")
+            open(temps[-1], "wb").close()
+        mask = mask_from_saved_model(args, image) if args.saved_model else mask_from_snapshot(args, image)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(temps[0], format="PNG")
+        Image.fromarray(overlay(image, mask, args.text)).save(temps[1], format="PNG")
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    log.info("wrote %s and %s (%d of %d pixels on)", *paths, int(mask.sum()), mask.size)
+    return paths
 
 
 def main(argv=None):
+    """CLI entry point: 0 on success, 1 with one ``error: …`` line for bad input files or OS errors (the path named),
+    2 for a bad command line (argparse)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from util.checkpoints import CheckpointMismatch
@@ -157,6 +204,10 @@ def main(argv=None):
         run(args)
     except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
         log.error("error: %s", e)
+        return 1
+    except OSError as e:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        log.error("error: %s%s", e.strerror or e, f": {where}" if where else "")
         return 1
     return 0
 

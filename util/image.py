@@ -1,6 +1,137 @@
 """Image processing with the exact semantics of the originals' ``util/im_processing.py`` and
-``util/processing_tools.py`` (scikit-image 0.13 era)."""
+``util/processing_tools.py`` (scikit-image 0.13 era), and the one image-file reader that ``build_batches.py`` and
+``demo.py`` share (``read_image``: every Pillow mode to 8-bit, optional reduced-size decoding)."""
+import logging
+import warnings
+
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used: ``reason`` ('missing image', 'unreadable image', 'image too large') for
+    summaries, the message names the file."""
+
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def sixteen_to_eight(values):
+    """uint8 of 16-bit samples: ``clip(v, 0, 65535) >> 8`` (the high byte).
+
+    The rule Pillow itself applies to 16-bit-per-channel RGB(A) PNGs, so gray and colour 16-bit files agree; an
+    8-bit image expanded to 16 bits (v·257) comes back exactly; 65535 → 255 (never saturates below the top).
+    """
+    return (np.clip(np.asarray(values, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def float_to_eight(values):
+    """uint8 of a float ('F') image: finite values all in [0, 1] (scikit-image's float convention) → ``rint(v·255)``;
+    otherwise finite values in [0, 255] (Pillow's own F → L convention) → ``rint(v)``. NaN, infinity or values
+    outside [0, 255] raise ValueError."""
+    v = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError("float image holds NaN or infinity")
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise ValueError(f"float image values span [{lo:g}, {hi:g}], expected [0, 1] or [0, 255]")
+    return np.rint(v * 255 if hi <= 1 else v).astype(np.uint8)
+
+
+def premultiply_black(color, alpha):
+    """uint8 colour composited onto black: ``(c·a + 127) // 255`` per channel (= round(c·a/255)); transparent pixels
+    become 0, the padding value the models see around every image. ``color`` [H, W] or [H, W, C], ``alpha`` [H, W]."""
+    c = np.asarray(color, dtype=np.uint32)
+    a = np.asarray(alpha, dtype=np.uint32)
+    if c.ndim == 3:
+        a = a[..., None]
+    return ((c * a + 127) // 255).astype(np.uint8)
+
+
+def pil_to_uint8(img):
+    """uint8 [H, W] (one-channel modes: '1', 'L', 'LA', 16-bit, 'I', 'F') or [H, W, 3] (all others) of an open
+    Pillow image, pixels as stored (no EXIF rotation):
+
+    - 'L' and 'RGB' unchanged; '1' → 0 / 255;
+    - 16-bit ('I;16', 'I;16L', 'I;16B', 'I;16N') and 32-bit 'I' → ``sixteen_to_eight`` (16-bit RGB PNGs are
+      already reduced to 8 bits by Pillow with the same high-byte rule);
+    - 'F' → ``float_to_eight``;
+    - alpha ('RGBA', 'LA', 'PA', 'RGBa', 'La', and 'P' with a transparency entry) → ``premultiply_black``;
+    - 'P' (no transparency), 'CMYK', 'YCbCr', 'LAB', 'HSV' → Pillow's ``convert('RGB')``.
+    """
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(img)
+    if mode == "1":
+        return np.asarray(img.convert("L"))
+    if mode in SIXTEEN_BIT_MODES:
+        return sixteen_to_eight(np.asarray(img))
+    if mode == "F":
+        return float_to_eight(np.asarray(img))
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ALPHA_MODES:
+        if mode in ("RGBa", "La"):
+            img = img.convert("RGBA" if mode == "RGBa" else "LA")
+        if img.mode == "PA":
+            img = img.convert("RGBA")
+        arr = np.asarray(img)
+        return premultiply_black(arr[..., :-1] if arr.shape[-1] > 2 else arr[..., 0], arr[..., -1])
+    return np.asarray(img.convert("RGB"))
+
+
+def reduced_size_factor(size, max_side):
+    """Integer k ≥ 1 for ``Image.reduce``: the largest with ``ceil(max(size) / k) >= max_side`` (1 when the
+    longer side is already ≤ ``max_side``)."""
+    return max(1, max(size) // max_side)
+
+
+def read_image(path, max_side=None):
+    """Decode image file ``path`` with ``pil_to_uint8``; returns (uint8 [H, W] or [H, W, 3], (orig_h, orig_w)).
+
+    ``max_side``: when the longer side exceeds it, decode at a reduced size whose longer side stays ≥ ``max_side``:
+    JPEGs through libjpeg's DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8, so the full image is never in memory),
+    then any format by ``Image.reduce(k)`` (k×k box average, k from ``reduced_size_factor``). ``None`` decodes the
+    stored size. Pillow's decompression-bomb check stays on: over ``Image.MAX_IMAGE_PIXELS`` a one-line warning is
+    logged; over twice that the file is refused. Raises ImageReadError (reason 'missing image', 'unreadable image' or
+    'image too large'; message naming the file) for every file that cannot be decoded, including an OS error.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                orig_w, orig_h = img.size
+                if max_side is not None and max(img.size) > max_side:
+                    scale = max_side / max(img.size)
+                    if img.format == "JPEG":
+                        img.draft(img.mode, (int(np.ceil(orig_w * scale)), int(np.ceil(orig_h * scale))))
+                    k = reduced_size_factor(img.size, max_side)
+                    if k > 1:
+                        img = img.reduce(k)
+                arr = pil_to_uint8(img)
+        for w in caught:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                log.warning("%s: %d×%d = %d pixels is over Pillow's decompression-bomb warning limit (%d); "
+                            "decoding it anyway", path, orig_w, orig_h, orig_w * orig_h, Image.MAX_IMAGE_PIXELS)
+    except FileNotFoundError:
+        raise ImageReadError("missing image", path) from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError("image too large", f"{path} ({e})") from None
+    except IsADirectoryError:
+        raise ImageReadError("unreadable image", f"{path} (a folder, not an image file)") from None
+    except OSError as e:
+        raise ImageReadError("unreadable image", f"{path} ({e.strerror or e})") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, TypeError, EOFError) as e:
+        raise ImageReadError("unreadable image", f"{path} ({e})") from None
+    return arr, (orig_h, orig_w)
 
 
 def generate_spatial_batch(N, featmap_H, featmap_W):

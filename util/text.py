@@ -18,19 +18,38 @@ def load_vocab_dict_from_lines(lines):
     return {line.strip(): i for i, line in enumerate(lines)}
 
 
-def load_vocab_dict_from_file(path):
-    """Read a vocabulary file (one word per line, UTF-8) with ``load_vocab_dict_from_lines``.
+SPECIAL_TOKENS = ("<pad>", "<go>", "<eos>", "<unk>")
 
-    Raises ValueError naming the file when it is empty or lacks the originals' special ids
-    (``<pad>`` = 0, ``<unk>`` = 3): ids from such a file would not mean what the models were trained on.
+
+def load_vocab_dict_from_file(path):
+    """Read a vocabulary file (one word per line, UTF-8; a leading byte-order mark is ignored, as Windows editors
+    write one) with ``load_vocab_dict_from_lines``.
+
+    Repeated words keep the originals' rule (the later line wins; the originals' own ``vocabulary_Gref.txt``
+    repeats "." and the empty line). Raises ValueError naming the file and the offending line when the file is not
+    UTF-8, is empty, does not start with ``<pad>``, ``<go>``, ``<eos>``, ``<unk>`` (ids 0-3), or repeats one of those
+    later (its id would move): ids from such a file would not mean what the models were trained on.
     """
-    with open(path, encoding="utf-8") as f:
-        vocab = load_vocab_dict_from_lines(f.read().splitlines())
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"vocabulary file {path}: line {line} is not UTF-8 (byte {raw[e.start]:#04x})") from None
+    lines = text.splitlines()
+    vocab = load_vocab_dict_from_lines(lines)
     if not vocab:
         raise ValueError(f"vocabulary file {path} is empty")
-    if vocab.get("<pad>") != PAD_ID or vocab.get("<unk>") != UNK_ID:
-        raise ValueError(f"vocabulary file {path} must start with <pad>, <go>, <eos>, <unk> (ids 0-3) "
-                         f"like the originals' vocabulary_Gref.txt / vocabulary_referit.txt")
+    words = [line.strip() for line in lines]
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if i >= len(words) or words[i] != token:
+            found = repr(words[i]) if i < len(words) else "missing"
+            raise ValueError(f"vocabulary file {path} must start with <pad>, <go>, <eos>, <unk> (ids 0-3) like the "
+                             f"originals' vocabulary_Gref.txt / vocabulary_referit.txt; line {i + 1} is {found}")
+        if vocab[token] != i:
+            raise ValueError(f"vocabulary file {path}: {token} appears again on line {vocab[token] + 1} "
+                             f"(it must only be line {i + 1})")
     return vocab
 
 
