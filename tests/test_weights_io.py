@@ -1,6 +1,7 @@
 """Weights in without torch: the restricted ``.pth`` reader (util/pth.py) and the AugReg ViT ``.npz`` reader with
 torch's bicubic position-embedding resize (util/vit_weights.py), against the goldens of the original code."""
 import json
+import logging
 import struct
 import zipfile
 from fractions import Fraction
@@ -264,3 +265,48 @@ def test_augreg_prefix_head_and_same_grid(golden_dir, tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="bad.npz: not a readable .npz"):
         augreg_state_dict(bad, 2, (4, 4))
+
+
+# ---------------------------------------------------------------- external/convert_restr.py
+
+def test_convert_restr_pth_to_tf2_checkpoint_runs_the_golden(golden_dir, tmp_path, caplog):
+    import tensorflow as tf
+
+    from external.convert_restr import main, restr_sizes
+    from models.restr import ReSTR
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "ckpt" / "unc_0"
+    assert main([str(golden_dir / "restr" / "restr_init_state_dict.pth"), str(out), "--heads", "4"]) == 0
+    assert "123 tensors, 472240 parameters" in caplog.messages
+    golden = np.load(golden_dir / "restr" / "golden_restr.npz")
+    init = {k[len("init__"):]: golden[k] for k in golden.files if k.startswith("init__")}
+    sizes = restr_sizes(init, n_heads=4)
+    assert sizes == {"image_size": (64, 64), "patch_size": 16, "d_model": 64, "n_heads": 4, "vit_layers": 2,
+                     "text_layers": 2, "fusion_layers": 2, "n_up": 4, "n_cls": 1000}
+    model = ReSTR(np.zeros((50, 32), np.float32), seed=3, **sizes)
+    tf.train.Checkpoint(model=model).read(str(out)).assert_existing_objects_matched()
+    variables = model.state_dict_variables()
+    assert [k for k in init if not _same_bits(variables[k].numpy(), init[k])] == []
+    outputs = model(np.transpose(golden["input__image"], (0, 2, 3, 1)), golden["input__words"])
+    for key, tol in (("patch_pred", 1e-5), ("pixel_pred", 1e-4)):
+        ref = np.transpose(golden[f"eval__{key}"], (0, 2, 3, 1))
+        assert np.abs(outputs[key].numpy() - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_convert_restr_errors_are_one_line(golden_dir, tmp_path, caplog):
+    from external.convert_restr import main
+
+    evil = _write_pth(tmp_path / "evil.pth", _dict([("x", _g("os", "system") + _t(_s("true")) + b"R")]), {})
+    cases = {str(tmp_path / "none.pth"): "no such file; ReSTR's train_restr.py writes",
+             str(evil): "refusing to unpickle os.system",
+             str(golden_dir / "tris" / "tris_stage1_checkpoint.pth"): "not a plain state_dict of tensors"}
+    for src, text in cases.items():
+        caplog.clear()
+        assert main([src, str(tmp_path / "out")]) == 2
+        assert len(caplog.messages) == 1 and "\n" not in caplog.messages[0]
+        assert caplog.messages[0].startswith(f"error: {src}: ") and text in caplog.messages[0]
+    caplog.clear()
+    assert main([str(golden_dir / "restr" / "restr_init_state_dict.pth"), str(tmp_path / "out"), "--heads", "5"]) == 2
+    assert "width 64 is not divisible by --heads 5" in caplog.messages[0]
+    assert not list(tmp_path.glob("out*"))
