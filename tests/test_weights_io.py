@@ -245,6 +245,33 @@ def test_fma32_rounds_once():
             assert abs(Fraction(float(gi)) - exact) <= abs(Fraction(float(neighbour)) - exact)
 
 
+def test_augreg_names_and_shapes_of_the_full_size_model(golden_dir, tmp_path):
+    """A ViT-B/16-shaped npz (12 blocks, 24×24 grid, 1000 classes) at width 8 instead of 768 (heads 2 × 4) gives the
+    encoder_v keys of the original's full-size state_dict, in its shapes with 768 → 8 (qkv 2304 → 24, MLP 3072 → 32)."""
+    rng = np.random.default_rng(2)
+    d, heads, ff = 8, 2, 32
+    arrays = {"embedding/kernel": (16, 16, 3, d), "embedding/bias": (d,), "cls": (1, 1, d),
+              "Transformer/posembed_input/pos_embedding": (1, 577, d), "Transformer/encoder_norm/scale": (d,),
+              "Transformer/encoder_norm/bias": (d,), "head/kernel": (d, 1000), "head/bias": (1000,)}
+    for i in range(12):
+        b, m = f"Transformer/encoderblock_{i}/", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
+        arrays.update({b + "LayerNorm_0/scale": (d,), b + "LayerNorm_0/bias": (d,), b + "LayerNorm_2/scale": (d,),
+                       b + "LayerNorm_2/bias": (d,), m + "out/kernel": (heads, d // heads, d), m + "out/bias": (d,),
+                       b + "MlpBlock_3/Dense_0/kernel": (d, ff), b + "MlpBlock_3/Dense_0/bias": (ff,),
+                       b + "MlpBlock_3/Dense_1/kernel": (ff, d), b + "MlpBlock_3/Dense_1/bias": (d,)})
+        for n in ("query", "key", "value"):
+            arrays.update({f"{m}{n}/kernel": (d, heads, d // heads), f"{m}{n}/bias": (heads, d // heads)})
+    np.savez(tmp_path / "b16.npz", **{k: rng.normal(size=s).astype(np.float32) for k, s in arrays.items()})
+    sd = augreg_state_dict(tmp_path / "b16.npz", n_layers=12, grid_hw=(30, 30), key_prefix="encoder_v.")
+    scale = {768: d, 2304: 3 * d, 3072: ff}
+    expected = {}
+    for line in (golden_dir / "restr" / "full_size_state_dict.txt").read_text().splitlines():
+        if line.startswith("encoder_v."):
+            key, shape = line.split()
+            expected[key] = tuple(scale.get(int(n), int(n)) for n in shape.split("x"))
+    assert len(expected) == 152 and {k: v.shape for k, v in sd.items()} == expected
+
+
 def test_augreg_prefix_head_and_same_grid(golden_dir, tmp_path):
     with np.load(golden_dir / "restr" / "fake_augreg_vit.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
