@@ -19,10 +19,20 @@ ones are written. Files are written to a temporary name in the same folder and r
 ever left behind. The ``.npz`` archives carry fixed timestamps (contents are reproducible byte for byte).
 
 ``sent_batch`` holds a Python 3 ``str`` (dtype ``<U``); the original stored py2 ``str`` (``S``, bytes) for COCO.
-``--format tfrecord`` then also packs the split's samples, in sample order, into TFRecord shards
-``<output-dir>/<name>/<split>_tfrecord/<name>_<split>-00000-of-000NN.tfrecord`` (``util/data.write_tfrecords``: the
-same keys, arrays identical), which the trainer reads when the ``.npz`` folder is absent. This module does not
-import TensorFlow unless ``--format tfrecord`` is given.
+``--format tfrecord`` then checks every ``.npz`` it would pack (``util.data.load_sample``: a corrupt file stops the
+run with one line naming it, before TensorFlow is imported) and packs the split's samples, in sample order, into
+TFRecord shards ``<output-dir>/<name>/<split>_tfrecord/<name>_<split>-00000-of-000NN.tfrecord``
+(``util/data.write_tfrecords``: the same keys, arrays identical), which the trainer reads when the ``.npz`` folder is
+absent. This module does not import TensorFlow unless ``--format tfrecord`` is given.
+
+Re-runs verify what is there: an existing file counts as present only if it reads back completely and matches the
+plan (``existing_sample_problem``: keys, dtypes, token ids, sentence, and the ``--img-size`` of training splits);
+otherwise it is rewritten and the summary says how many were. Annotations are validated when read (``util/refer.py``):
+a bad ref, sentence, annotation, segmentation or ReferIt query entry is skipped with one warning naming the file and
+the entry, and counted in the summary; a file that cannot be read at all stops the run (exit 1). Images are decoded by
+``util.image.read_image`` (16-bit, float, alpha, palette and CMYK files to 8 bits by its documented rules). An OS
+error (permission denied, read-only or full disk, a file where a folder is expected) stops the run with one line
+naming the path, exit 1; the temporary file being written is removed.
 """
 import argparse
 import logging
@@ -111,9 +121,11 @@ def save_npz_atomic(path, **arrays):
                 with zf.open(info, "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(val), allow_pickle=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 
@@ -217,25 +229,28 @@ def _report_problems(problems, skipped, reason, n_left_out):
 
 def plan_coco(args, out_folder, prefix, vocab, skipped):
     """Work units of a COCO dataset split: one per ref in ascending ref_id, numbered over its valid sentences.
-    Annotation entries that ``Refer`` left out are warned and counted ('bad annotation entry')."""
+    Annotation entries that ``Refer`` left out are warned and counted ('bad annotation entry'); the sentences of a
+    ref whose annotation is absent or unusable are counted and take no number (no gap)."""
     refer = Refer(args.refer_root, COCO_SOURCES[args.d], args.split_by)
     _report_problems(refer.problems, skipped, "bad annotation entry", len(refer.problems))
     units, n = [], 0
     for ref_id in refer.ref_ids(args.t):
         ref = refer.refs[ref_id]
         ann = refer.anns.get(ref["ann_id"])
-        samples = []
+        tokenized = []
         for sentence in ref["sentences"]:
             ids = _tokenize_or_skip(sentence["sent"], vocab, f"ref_id {ref_id}, sent_id {sentence.get('sent_id')}",
                                     skipped)
-            if ids is None:
-                continue
-            samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sentence["sent"]))
-            n += 1
+            if ids is not None:
+                tokenized.append((ids, sentence["sent"]))
         if ann is None:
             where = "unusable" if ref["ann_id"] in refer.bad_ann_ids else "not"
-            skipped[f"annotation {ref['ann_id']} {where} in instances.json"] += len(samples)
+            skipped[f"annotation {ref['ann_id']} {where} in instances.json"] += len(tokenized)
             continue
+        samples = []
+        for ids, sent in tokenized:
+            samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sent))
+            n += 1
         if samples:
             units.append({"image": os.path.join(args.image_root, coco_image_name(ref["image_id"])),
                           "mask": ("coco", ann["segmentation"]), "samples": samples})
@@ -381,8 +396,10 @@ def run(args):
         from util import data  # imports TensorFlow when writing
 
         try:
-            data.write_tfrecords(data.batch_files(out_folder, prefix), data.tfrecord_folder(out_folder), prefix,
-                                 args.shard_size)
+            files = data.batch_files(out_folder, prefix)
+            for f in files:
+                data.load_sample(f)
+            data.write_tfrecords(files, data.tfrecord_folder(out_folder), prefix, args.shard_size)
         except data.BadSample as e:
             raise CorruptBatch(f"not packing TFRecords: {e}; delete that file and re-run build_batches.py") from None
     return stats
