@@ -177,10 +177,6 @@ class PthUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _missing(path, get_from):
-    return FileNotFoundError(f"{path}: no such file" + (f"; {get_from}" if get_from else ""))
-
-
 def load_pth(path, get_from=None):
     """Load a zip-format ``.pth`` (``torch.save``) with tensors as numpy arrays, without torch.
 
@@ -209,9 +205,11 @@ def load_pth(path, get_from=None):
             with zf.open(tops[0]) as f:
                 return PthUnpickler(f, zf, prefix, byteorder).load()
     except FileNotFoundError:
-        raise _missing(path, get_from) from None
+        raise FileNotFoundError(f"{path}: no such file" + (f"; {get_from}" if get_from else "")) from None
     except IsADirectoryError:
         raise PthError(f"{path}: is a directory, not a .pth file") from None
+    except OSError as e:
+        raise PthError(f"{path}: cannot be read ({e.strerror or e})") from None
     except zipfile.BadZipFile as e:
         raise PthError(f"{path}: not a zip-format .pth or damaged ({e}); files of torch < 1.6 (legacy format) are "
                        "not read: re-save them with torch.save in a newer torch") from None
