@@ -23,7 +23,9 @@ Details kept from timm: blocks 0 … n_layers−1 are read (extra npz blocks are
 head is copied only when the npz head has ``num_classes`` outputs (ReSTR: 1000 = the AugReg ImageNet-1k head; else
 the model keeps its own initialisation, so the head keys are left out); ``pre_logits`` is never loaded; a 4-D kernel
 with three leading 1s would be flattened first (never the case for these keys). Values are cast to float32 (what
-``Parameter.copy_`` does). Only 3-channel patch kernels are accepted (timm's ``adapt_input_conv`` is then a no-op).
+``Parameter.copy_`` does) — before the resize: a float64 npz, which timm would resize in float64, can then differ by a
+few 1e-6 in ``pos_embed`` (the AugReg files are float32). Only 3-channel patch kernels are accepted (timm's
+``adapt_input_conv`` is then a no-op).
 
 Position embedding: if the npz's [1,1+g²,D] differs from the model's [1,1+gh·gw,D], timm's ``resize_pos_embed``
 keeps the first (class) token and resizes the g×g grid (g = int(√(tokens−1)), row-major) to gh×gw with
