@@ -370,4 +370,4 @@ def make_optimizer(model, lr=LEARNING_RATE, end_lr=END_LEARNING_RATE, num_steps=
     else:
         def schedule(t):
             return adamw.lr_poly(lr, end_lr, t, num_steps, power, warm_iter)
-    return adamw.AdamW(optim_parameters(model), schedule, weight_decay)
+    return adamw.AdamW(optim_parameters(model), adamw.schedule_table(schedule, num_steps), weight_decay)

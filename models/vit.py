@@ -26,15 +26,15 @@ INIT_STD = 0.02
 
 
 # --------------------------------------------------------------------------------------------- initialisers
-def trunc_normal(shape, rng, std=INIT_STD, a=-2.0, b=2.0):
-    """timm ``trunc_normal_(t, std=0.02)``: N(0, std²) truncated to [a, b] — ABSOLUTE bounds ±2 = ±100σ, so in
-    effect an untruncated normal (redrawn here in the practically impossible case of an outlier)."""
-    values = rng.normal(0.0, std, size=shape)
-    outside = (values < a) | (values > b)
+def trunc_normal(shape, rng, std=INIT_STD, bound=2.0):
+    """timm ``trunc_normal_(t, std=0.02)``: N(0, std²) truncated to [−2, 2] — ABSOLUTE bounds, ±100σ, so in effect
+    an untruncated normal (an outlier would be redrawn, as the truncation does)."""
+    values = rng.standard_normal(size=shape, dtype=np.float32) * np.float32(std)
+    outside = np.abs(values) > bound
     while outside.any():
-        values[outside] = rng.normal(0.0, std, size=int(outside.sum()))
-        outside = (values < a) | (values > b)
-    return values.astype(np.float32)
+        values[outside] = rng.standard_normal(size=int(outside.sum()), dtype=np.float32) * np.float32(std)
+        outside = np.abs(values) > bound
+    return values
 
 
 def xavier_uniform(shape, rng):

@@ -19,6 +19,7 @@ fills the moments. Group k gets ``lr · multiplier_k`` (ReSTR: 1 and 0.1), compu
 """
 import math
 
+import numpy as np
 import tensorflow as tf
 
 BETAS = (0.9, 0.999)
@@ -26,22 +27,29 @@ EPSILON = 1e-8
 
 
 def lr_poly(base_lr, end_lr, t, max_iter, power, warm):
-    """ReSTR ``utils/loss.lr_poly`` (float64): (base − end)·c + end with c = t/warm while t < warm, else
-    (1 − (t − warm)/(max_iter − warm))^power. ``t`` may be a tensor (the optimizer's step counter)."""
-    t = tf.cast(t, tf.float64)
-    warm_coef = t / warm if warm > 0 else tf.zeros_like(t)
-    decay_coef = tf.pow(1.0 - (t - warm) / (max_iter - warm), power)
-    return (base_lr - end_lr) * tf.where(t < warm, warm_coef, decay_coef) + end_lr
+    """ReSTR ``utils/loss.lr_poly`` in Python floats, as the original: (base − end)·c + end with c = t/warm while
+    t < warm, else (1 − (t − warm)/(max_iter − warm))^power."""
+    if t < warm:
+        coef = t / warm
+    else:
+        coef = (1 - (t - warm) / (max_iter - warm)) ** power
+    return (base_lr - end_lr) * coef + end_lr
 
 
 def lr_cos(base_lr, end_lr, t, max_iter, warm):
     """ReSTR ``utils/loss.lr_cos`` (``--is_cos``) with its operator-precedence bug kept: during warm-up the
     coefficient is ``t + 1/warm`` (not (t + 1)/warm) and lr = base·coefficient (≈ 0.01 at t = 1000 for base 1e-5);
     after it, a half cosine from base to end: (base − end)·½(1 + cos(π·(t − warm)/(max_iter − warm))) + end."""
-    t = tf.cast(t, tf.float64)
-    warm_lr = base_lr * (t + 1.0 / warm) if warm > 0 else tf.zeros_like(t)
-    cos_lr = (base_lr - end_lr) * (0.5 * (1.0 + tf.cos((t - warm) / (max_iter - warm) * math.pi))) + end_lr
-    return tf.where(t < warm, warm_lr, cos_lr)
+    if t < warm:
+        return base_lr * (t + 1 / warm)
+    coef = 0.5 * (1 + math.cos((t - warm) / (max_iter - warm) * math.pi))
+    return (base_lr - end_lr) * coef + end_lr
+
+
+def schedule_table(schedule, num_steps):
+    """float64 [num_steps]: ``schedule(t)`` for t = 0 … num_steps − 1, computed once in Python so that the values
+    are bit-identical to the original's (TF's float64 ``pow`` differs from Python's by an ulp)."""
+    return np.array([schedule(t) for t in range(num_steps)], np.float64)
 
 
 def _f32(x):
@@ -53,20 +61,21 @@ class AdamW(tf.Module):
 
     Args:
       groups: list of ({name: tf.Variable}, lr multiplier) — torch's param groups, in order.
-      schedule: fn(t) → float64 base learning rate of update number t (0 for the first update).
+      lr_table: float64 [num_steps]: the base learning rate of update number t = 0, 1, … (``schedule_table``);
+        updates past its end keep its last value.
       weight_decay: applied to every parameter of every group (decoupled).
 
     State (``state_variables()``): ``step`` (int64, updates done) and ``<name>/exp_avg``, ``<name>/exp_avg_sq``
     per parameter, zero until its first gradient.
     """
 
-    def __init__(self, groups, schedule, weight_decay, betas=BETAS, eps=EPSILON):
+    def __init__(self, groups, lr_table, weight_decay, betas=BETAS, eps=EPSILON):
         super().__init__(name="adamw")
         self.groups = [(dict(variables), float(mult)) for variables, mult in groups]
         names = [n for variables, _ in self.groups for n in variables]
         if len(names) != len(set(names)):
             raise ValueError("AdamW: a parameter is in two groups")
-        self.schedule = schedule
+        self.lr_table = tf.constant(np.asarray(lr_table, np.float64))
         self.weight_decay = float(weight_decay)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
@@ -89,7 +98,8 @@ class AdamW(tf.Module):
 
     def group_learning_rates(self, t=None):
         """float64 [n_groups]: each group's learning rate for update number ``t`` (default: the next update)."""
-        base = self.schedule(self.step if t is None else t)
+        t = self.step if t is None else t
+        base = tf.gather(self.lr_table, tf.minimum(tf.cast(t, tf.int64), self.lr_table.shape[0] - 1))
         return tf.stack([base * mult for _, mult in self.groups])
 
     def learning_rate(self):
