@@ -3,8 +3,8 @@ arXiv 2203.16768), as built by SouthFlame/restr @ 371f102d (``model/factory.crea
 
 Data flow (full size: D = 768, P = 16, H = W = 480, G = 30, N = G² = 900 patches, T = 20 words, d_l = 300):
 
-  images [B,H,W,3] ─``vision_encoder`` (ViT-B/16, ``encoder_v``)──────────────────────▶ x_v [B,1+N,D]
-  words  [B,T]     ─``text_encoder`` (GloVe + 6 post-norm blocks, ``encoder_l``)──────▶ x_l [B,T,D]
+  images [B,H,W,3] ─``encoder_v`` (the vision encoder, ViT-B/16)─────────────────────▶ x_v [B,1+N,D]
+  words  [B,T]     ─``encoder_l`` (the text encoder: GloVe + 6 post-norm blocks)───────▶ x_l [B,T,D]
   ``fusion_module`` (``MM_fusion``):
     class token dropped; x_v, x_l l2-normalised; ``proj_v`` / ``proj_l``; pad words zeroed
     ``visual_linguistic_encoder`` (``blocks_vl``, 2 blocks) over [patches ; words]   ─▶ fused patches, fused words
@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from models import vit
 from util import adamw
-from util.torch_image import resize_bilinear_align_corners
+from util.torch_image import resize_and_crop, resize_and_crop_nearest, resize_and_pad, resize_bilinear_align_corners
 
 MAX_WORDS = 20                 # positionalencoding1d(d_lang, 20) and MM_fusion.n_l = 20, hard-coded
 IMAGE_SIZE = 480               # --input_size 480,480
@@ -47,12 +47,30 @@ ENCODER_V_LR_MULT = 0.1
 ALPHA_LOC = 0.1                # weight of the patch loss
 PATCH_THRESHOLD = 0.8          # --patch_thres, compared with a pixel COUNT: ≥ 1 foreground pixel
 IMAGE_MEAN = IMAGE_STD = 127.5
+EVAL_THRESHOLD = 1e-9          # eval/evaluate.py's --threshold (training-time validation used 1e-8)
 DECODER_LEAKY_SLOPE = 0.01     # nn.LeakyReLU default
 
 
 def preprocess(images):
     """``ReferDataSet_vit``'s normalisation: RGB [B, H, W, 3] (uint8 or float) → (x − 127.5) / 127.5, float32."""
     return (tf.cast(images, tf.float32) - IMAGE_MEAN) / IMAGE_STD
+
+
+def eval_input(image, size=IMAGE_SIZE):
+    """``eval/evaluate.evaluate`` step 1: one original-size RGB image [1, h, w, 3] (uint8) → normalised and
+    resized-and-padded to [1, size, size, 3] (torch bilinear, no antialias; the padding is 0 = grey)."""
+    return resize_and_pad(preprocess(image), size, size)
+
+
+def eval_output(outputs, height, width, threshold=EVAL_THRESHOLD):
+    """``eval/evaluate.evaluate`` steps 2–4 for a batch-1 forward of ``eval_input``: back to the original
+    height × width with ``resize_and_crop`` → {``pred_orig`` (logits), ``sigmoid_orig`` (sigmoid, then resized),
+    ``patch_sigmoid_orig`` (patch sigmoid, nearest), ``mask`` (bool: resized logits ≥ threshold)}, [1, h, w, 1]."""
+    pred = resize_and_crop(outputs["pixel_pred"], height, width)
+    return {"pred_orig": pred,
+            "sigmoid_orig": resize_and_crop(tf.sigmoid(outputs["pixel_pred"]), height, width),
+            "patch_sigmoid_orig": resize_and_crop_nearest(tf.sigmoid(outputs["patch_pred"]), height, width),
+            "mask": pred >= threshold}
 
 
 def glove_embedding(glove, source="GloVe matrix"):
