@@ -13,9 +13,10 @@ other image pixel unchanged). ``--out`` defaults to the image's file name withou
 Both files are written under temporary names in their folder and renamed, so a failed run leaves no partial PNG.
 
 The image is read by ``util.image.read_image`` (16-bit, float, alpha, palette and CMYK files mapped to 8-bit RGB as
-documented there). An image whose longer side exceeds ``--max-side`` (default 2048, at least ``--img-size``) is
-decoded at a reduced size — JPEGs by libjpeg's 1/2, 1/4, 1/8 DCT scaling, so a 10000×10000 photo never exists in
-memory at full size — and the mask and overlay are written at that decoded size (logged). Errors are one line
+documented there). An image whose longer side exceeds ``--max-side`` (default 1024, at least ``--img-size``; the
+network itself sees ``--img-size``) is decoded at a reduced size whose longer side is still ≥ ``--max-side`` — JPEGs by
+libjpeg's 1/2, 1/4, 1/8 DCT scaling, so a 10000×10000 photo never exists in memory at full size, other formats by
+k×k box averaging — and the mask and overlay are written at that decoded size (logged). Errors are one line
 (``error: …``), exit 1; a bad command line exits 2.
 """
 import argparse
@@ -34,7 +35,7 @@ RED = np.array([255, 0, 0], np.uint16)
 CYAN = np.array([0, 255, 255], np.uint16)
 TITLE_FONT_SIZE = 14
 TITLE_MARGIN = 4
-DEFAULT_MAX_SIDE = 2048
+DEFAULT_MAX_SIDE = 1024
 
 
 def positive_int(text):
@@ -181,8 +182,11 @@ def run(args):
             temps.append(f"{path}.{os.getpid()}.tmp")
             open(temps[-1], "wb").close()
         mask = mask_from_saved_model(args, image) if args.saved_model else mask_from_snapshot(args, image)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(temps[0], format="PNG")
-        Image.fromarray(overlay(image, mask, args.text)).save(temps[1], format="PNG")
+        for tmp, path, array in zip(temps, paths, (mask.astype(np.uint8) * 255, overlay(image, mask, args.text))):
+            try:
+                Image.fromarray(array).save(tmp, format="PNG")
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), e.filename or path) from None
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
     finally:

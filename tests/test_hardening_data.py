@@ -298,7 +298,7 @@ def run_driver(tmp_path, driver, cases, stream):
             name, lines = line[7:], []
         elif line.startswith("@@RC "):
             results[name] = (int(line.rsplit(" ", 1)[1]), lines)
-        elif not line.startswith("@@"):
+        else:
             lines.append(line)
     assert sorted(results) == sorted(c[0] for c in cases), out[-4000:]
     return results
@@ -518,3 +518,119 @@ def test_tfrecord_refuses_a_corrupt_npz(small_referit, caplog):
     assert message.endswith("delete that file and re-run build_batches.py")
     shards = folder.parent / "test_tfrecord"
     assert not shards.exists() or not os.listdir(shards)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# demo.py: one driver subprocess (a seeded RRN snapshot at 64×64, then every case through demo.main)
+
+
+DEMO_DRIVER = """
+import errno, json, logging, os, resource, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+sys.path.insert(0, {repo!r})
+start = time.time()
+import tensorflow as tf
+from PIL import Image
+import demo
+from models import build_model
+from util.train import initialize_backbone
+
+cases = json.load(open(sys.argv[1]))
+model = build_model("RRN_model", image_size=64)
+initialize_backbone(model.backbone, "random", 0)
+tf.train.Checkpoint(model=model).write(cases[0][1][cases[0][1].index("-f") + 1] + "/unc_iter_0")
+print("@@TIME setup " + str(round(time.time() - start, 1)), flush=True)
+real_save = Image.Image.save
+
+
+def failing_save(self, fp, *args, **kw):
+    if "_overlay.png" in str(fp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(self, fp, *args, **kw)
+
+
+for name, argv in cases:
+    print("@@CASE " + name, flush=True)
+    Image.Image.save = failing_save if name == "disk_full" else real_save
+    try:
+        rc = demo.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    print("@@RSS " + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024), flush=True)
+    print("@@TIME " + str(round(time.time() - start, 1)), flush=True)
+    print("@@RC " + name + " " + str(rc), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    write_vocab(tmp / "vocab.txt")
+    write_gray16(tmp / "gray16.png")
+    Image.new("RGB", (10000, 10000), (40, 120, 200)).save(tmp / "huge.jpg", quality=50)
+    bomb_png(tmp / "bomb.png")
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp / "whole.jpg")
+    (tmp / "cut.jpg").write_bytes((tmp / "whole.jpg").read_bytes()[:200])
+    Image.fromarray(np.array([[np.nan, 1]], np.float32)).save(tmp / "nan.tif")
+    (tmp / "a_file").write_text("x")
+    for suffix in ("mask", "overlay"):
+        (tmp / f"old_{suffix}.png").write_bytes(b"the previous result")
+    common = ["--text", "the man", "-n", "RRN_model", "-f", str(tmp / "ckpt"), "-i", "0", "--img-size", "64",
+              "--vocab-file", str(tmp / "vocab.txt")]
+    cases = [(name, [*common, "--img", str(tmp / img), "--out", str(tmp / out), *extra]) for name, img, out, extra in (
+        ("bomb", "bomb.png", "o_bomb", []),
+        ("folder", ".", "o_folder", []),
+        ("truncated", "cut.jpg", "o_cut", []),
+        ("float_nan", "nan.tif", "o_nan", []),
+        ("max_side_0", "whole.jpg", "o_zero", ["--max-side", "0"]),
+        ("out_under_file", "whole.jpg", "a_file/o", []),
+        ("disk_full", "gray16.png", "old", []),
+        ("huge", "huge.jpg", "o_huge", []))]
+    results = run_driver(tmp, DEMO_DRIVER, cases, "stdout")
+    return {"results": results, "tmp": tmp}
+
+
+@pytest.mark.parametrize("name,rc,message", [
+    ("bomb", 1, r"^error: image too large: .*bomb\.png \(Image size \(200000000 pixels\) exceeds limit"),
+    ("folder", 1, r"^error: unreadable image: .* \(a folder, not an image file\)$"),
+    ("truncated", 1, r"^error: unreadable image: .*cut\.jpg \("),
+    ("float_nan", 1, r"^error: unreadable image: .*nan\.tif \(float image holds NaN or infinity\)$"),
+    ("out_under_file", 1, r"^error: (Not a directory|File exists): .*a_file"),
+    ("disk_full", 1, r"^error: No space left on device: .*old_overlay\.png$"),
+])
+def test_demo_bad_inputs_are_one_line_exit_1(demo_runs, name, rc, message):
+    import re
+
+    got_rc, lines = demo_runs["results"][name]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert got_rc == rc and len(errors) == 1 and re.search(message, errors[0]), lines
+    assert not [f for f in os.listdir(demo_runs["tmp"]) if ".tmp" in f]
+    assert not list(demo_runs["tmp"].glob(f"o_{name}*"))
+
+
+def test_demo_flag_out_of_range_is_exit_2_and_old_outputs_survive_a_full_disk(demo_runs):
+    assert demo_runs["results"]["max_side_0"][0] == 2
+    for suffix in ("mask", "overlay"):
+        assert (demo_runs["tmp"] / f"old_{suffix}.png").read_bytes() == b"the previous result"
+
+
+def test_demo_reads_16_bit_images_correctly(tmp_path):
+    import demo
+
+    write_gray16(tmp_path / "g.png")
+    write_gray16(tmp_path / "g.tif", "TIFF")
+    expected = np.repeat((GRAY16 >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    for name in ("g.png", "g.tif"):
+        assert np.array_equal(demo.read_image(str(tmp_path / name), 1024), expected)
+
+
+def test_demo_decodes_a_10000_pixel_photo_at_reduced_size(demo_runs):
+    rc, lines = demo_runs["results"]["huge"]
+    assert rc == 0, lines
+    assert any(line.endswith("decoded at 1250×1250 (--max-side 1024); the mask and overlay have that size")
+               for line in lines), lines
+    assert any("over Pillow's decompression-bomb warning limit" in line for line in lines)
+    assert Image.open(demo_runs["tmp"] / "o_huge_mask.png").size == (1250, 1250)
+    assert Image.open(demo_runs["tmp"] / "o_huge_overlay.png").size[0] == 1250
+    peak_mb = int([line for line in lines if line.startswith("@@RSS ")][-1].split()[1])
+    assert peak_mb < 2500, peak_mb          # the whole demo process, TensorFlow and the model included
