@@ -21,7 +21,6 @@ import tensorflow as tf
 from util.torch_image import resize_bilinear
 
 TORCH_LAYER_NORM_EPS = 1e-5       # torch nn.LayerNorm default, used by Segmenter's and ReSTR's blocks
-TIMM_VIT_LAYER_NORM_EPS = 1e-6    # timm VisionTransformer's partial(nn.LayerNorm, eps=1e-6)
 INIT_STD = 0.02
 
 
@@ -59,9 +58,9 @@ class TorchModule(tf.Module):
         self._torch_params = {}
         self._torch_children = []
 
-    def add_parameter(self, name, initial_value, trainable=True):
+    def add_parameter(self, name, initial_value):
         key = self.prefix + name
-        var = tf.Variable(np.asarray(initial_value, np.float32), name=key, trainable=trainable)
+        var = tf.Variable(np.asarray(initial_value, np.float32), name=key)
         self._torch_params[key] = var
         return var
 
@@ -88,17 +87,15 @@ class Linear(TorchModule):
     y = x · Wᵀ + b over the last axis of x [..., d_in] → [..., d_out].
     """
 
-    def __init__(self, prefix, d_in, d_out, rng, bias=True):
+    def __init__(self, prefix, d_in, d_out, rng):
         super().__init__(prefix)
         self.weight = self.add_parameter("weight", trunc_normal((d_out, d_in), rng))
-        self.bias = self.add_parameter("bias", np.zeros(d_out, np.float32)) if bias else None
+        self.bias = self.add_parameter("bias", np.zeros(d_out, np.float32))
 
     def __call__(self, x):
         shape = tf.shape(x)
         flat = tf.reshape(x, [-1, self.weight.shape[1]])
-        y = tf.matmul(flat, _like(self.weight, x), transpose_b=True)
-        if self.bias is not None:
-            y = y + _like(self.bias, x)
+        y = tf.matmul(flat, _like(self.weight, x), transpose_b=True) + _like(self.bias, x)
         return tf.reshape(y, tf.concat([shape[:-1], [self.weight.shape[0]]], 0))
 
 
