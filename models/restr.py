@@ -357,7 +357,7 @@ def losses(outputs, masks, alpha_loc=ALPHA_LOC, patch_threshold=PATCH_THRESHOLD)
     every pixel (padding included) and every patch (labels from ``patch_labels``). The original's ``interp_pred``
     / ``interp_label`` resize to ``--input_size`` first, an identity since the batches are at that size.
     """
-    masks = tf.cast(tf.not_equal(masks, 0), tf.float32)
+    masks = tf.cast(tf.cast(masks, tf.bool), tf.float32)
     loss_pixel = bce_with_logits(outputs["pixel_pred"], masks)
     loss_patch = bce_with_logits(outputs["patch_pred"], patch_labels(masks, threshold=patch_threshold))
     return {"loss_pixel": loss_pixel, "loss_patch": loss_patch, "loss": loss_pixel + alpha_loc * loss_patch}

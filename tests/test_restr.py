@@ -276,6 +276,12 @@ def test_patch_labels_and_losses(golden, training_run):
     npz = golden["npz"]
     labels = restr.patch_labels(nhwc(npz["input__target"])).numpy()
     np.testing.assert_array_equal(labels, nhwc(npz["train__patch_labels"]))
+    rng = np.random.default_rng(0)
+    outputs = {"pixel_pred": rng.normal(size=(2, 64, 64, 1)).astype(np.float32),
+               "patch_pred": rng.normal(size=(2, 4, 4, 1)).astype(np.float32)}
+    from_int = restr.losses(outputs, nhwc(npz["input__target"]))
+    from_bool = restr.losses(outputs, nhwc(npz["input__target"]) != 0)
+    assert {k: float(v) for k, v in from_int.items()} == {k: float(v) for k, v in from_bool.items()}
     for s in (1, 2):
         for name in ("loss_pixel", "loss_patch", "loss"):
             ref = float(npz[f"train_step{s}__{name}"])
