@@ -38,6 +38,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import zipfile
@@ -209,6 +210,17 @@ def _process_unit_star(args):
     return process_unit(*args)
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _worker_init():
+    """Pool workers unwind on SIGTERM (``Pool.terminate``) like on an exception, so a temporary file being written is
+    removed. (They ignore Ctrl-C from the start: the parent creates them with SIGINT ignored, which a new Python
+    process keeps.)"""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
 def _tokenize_or_skip(sent, vocab, where, skipped):
     """Token ids of ``sent`` or None (counted in ``skipped`` and logged) when it has no token."""
     try:
@@ -361,7 +373,11 @@ def run(args):
             results = map(_process_unit_star, tasks)
             pool = None
         else:
-            pool = multiprocessing.get_context("spawn").Pool(args.jobs)
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init)
+            finally:
+                signal.signal(signal.SIGINT, handler)
             results = pool.imap(_process_unit_star, tasks)
         try:
             for unit, (written, present, bad, n_bad, replaced) in zip(units, results):
@@ -375,10 +391,14 @@ def run(args):
                     skipped[bad[0]] += n_bad
                     stats["gaps"] += n_bad
                 bar.update(written + present + n_bad)
-        finally:
+        except BaseException:
             if pool is not None:
-                pool.close()
+                pool.terminate()
                 pool.join()
+            raise
+        if pool is not None:
+            pool.close()
+            pool.join()
     elapsed = time.perf_counter() - start
     n_skipped = sum(skipped.values())
     reasons = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
@@ -408,7 +428,8 @@ def run(args):
 def main(argv=None):
     """CLI entry point: 0 on success (skipped samples included), 1 when the annotations cannot be read, an OS error
     (permission denied, read-only or full disk, a file where a folder is expected; the path named) stops the run, or
-    ``--format tfrecord`` meets a corrupt ``.npz``; 2 on a bad command line. Messages go to stderr through logging,
+    ``--format tfrecord`` meets a corrupt ``.npz``; 2 on a bad command line; 130 on Ctrl-C (workers stop, no temporary
+    file is left). Messages go to stderr through logging,
     one line each; every file is written under a temporary name and renamed, so an error leaves no partial file."""
     logging.basicConfig(level=logging.INFO, format="build_batches: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
@@ -430,6 +451,9 @@ def main(argv=None):
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         log.error("%s%s", e.strerror or e, f": {where}" if where else "")
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted: every .npz written so far is complete; run the same command again to continue")
+        return 130
     return 0
 
 

@@ -199,13 +199,19 @@ def run(args):
 
 def main(argv=None):
     """CLI entry point: 0 on success, 1 with one ``error: …`` line for bad input files or OS errors (the path named),
-    2 for a bad command line (argparse)."""
-    args = parse_args(argv)
+    2 for a bad command line (argparse), 130 on Ctrl-C (no partial output left)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from util.checkpoints import CheckpointMismatch
-
+    try:
+        args = parse_args(argv)
+        from util.checkpoints import CheckpointMismatch
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written")
+        return 130
     try:
         run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted; no partial output was left")
+        return 130
     except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
         log.error("error: %s", e)
         return 1

@@ -634,3 +634,33 @@ def test_demo_decodes_a_10000_pixel_photo_at_reduced_size(demo_runs):
     assert Image.open(demo_runs["tmp"] / "o_huge_overlay.png").size[0] == 1250
     peak_mb = int([line for line in lines if line.startswith("@@RSS ")][-1].split()[1])
     assert peak_mb < 2500, peak_mb          # the whole demo process, TensorFlow and the model included
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_stops_with_one_line_and_a_rerun_completes(tmp_path, jobs):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) while samples are being written."""
+    import signal
+    import time
+
+    n = 120
+    referit_root(tmp_path / "root", {f"{i}_1": ["the man"] for i in range(n)})
+    argv = ["-d", "referit", "-t", "test", "--data-root", str(tmp_path / "root"), "--output-dir", str(tmp_path), "-j",
+            jobs]
+    folder = tmp_path / "referit" / "test_batch"
+    proc = subprocess.Popen([sys.executable, str(REPO / "build_batches.py"), *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and \
+            not (folder.exists() and len([f for f in os.listdir(folder) if f.endswith(".npz")]) >= 8):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if ": ERROR: " in line] == [
+        "build_batches: ERROR: interrupted: every .npz written so far is complete; run the same command again to "
+        "continue"]
+    done = os.listdir(folder)
+    assert 8 <= len(done) < n and all(f.endswith(".npz") for f in done), done
+    for f in done:
+        np.load(folder / f)["im_batch"]
+    assert build_batches.main(argv[:-2]) == 0 and len(os.listdir(folder)) == n
