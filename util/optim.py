@@ -81,15 +81,26 @@ class TF1Adam(tf.Module):
         return polynomial_decay(self.start_lr, self.step, self.decay_steps)
 
     def apply_gradients(self, grads):
-        """Apply {name: gradient} (multipliers already applied); returns the learning rate used."""
+        """Apply {name: gradient} (multipliers already applied) with TF's own ``ApplyAdam`` kernel, one op per
+        variable as TF1's ``minimize`` runs it (``ResourceApplyAdam``: the formula above, fused over the tensor).
+        Mirrored variables (``tf.distribute``) are updated on every replica. Returns the learning rate used."""
         lr = self.learning_rate()
-        alpha = lr * tf.sqrt(1.0 - self.beta2_power) / (1.0 - self.beta1_power)
+        beta1_power = tf.convert_to_tensor(self.beta1_power)
+        beta2_power = tf.convert_to_tensor(self.beta2_power)
+
+        def apply_adam(var, m, v, grad):
+            return tf.raw_ops.ResourceApplyAdam(
+                var=var.handle, m=m.handle, v=v.handle, beta1_power=beta1_power, beta2_power=beta2_power, lr=lr,
+                beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon, grad=grad)
+
         for name, grad in grads.items():
-            grad = tf.convert_to_tensor(grad)
-            var, m, v = self.params[name], self.m[name], self.v[name]
-            m.assign_add((grad - m) * (1.0 - self.beta1))
-            v.assign_add((tf.square(grad) - v) * (1.0 - self.beta2))
-            var.assign_sub((m * alpha) / (tf.sqrt(v) + self.epsilon))
+            var = self.params[name]
+            args = (self.m[name], self.v[name], tf.convert_to_tensor(grad))
+            strategy = getattr(var, "distribute_strategy", None)
+            if strategy is None:
+                apply_adam(var, *args)
+            else:
+                strategy.extended.update(var, apply_adam, args=args, group=False)
         self.beta1_power.assign(self.beta1_power * self.beta1)
         self.beta2_power.assign(self.beta2_power * self.beta2)
         self.step.assign_add(1.0)
