@@ -352,7 +352,8 @@ def run(args):
     vocab_name = "referit" if args.d == "referit" else "Gref"
     vocab_path = os.path.join(args.data_root, "data", f"vocabulary_{vocab_name}.txt")
     if not os.path.isfile(vocab_path):
-        raise AnnotationError(f"vocabulary file not found: {vocab_path}")
+        what = "is a folder, not a file" if os.path.isdir(vocab_path) else "not found"
+        raise AnnotationError(f"vocabulary file {what}: {vocab_path}")
     try:
         vocab = text_proc.load_vocab_dict_from_file(vocab_path)
     except ValueError as e:

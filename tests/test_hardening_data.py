@@ -332,6 +332,10 @@ def bb(tmp_path_factory):
     bad_vocab = referit_root(tmp / "badvocab", {"1_1": ["x"]})
     (bad_vocab / "vocabulary_referit.txt").write_text("\n".join(SPECIALS + ["man", "<pad>"]))
     case("vocab_repeat", tmp / "badvocab")
+    folder_vocab = referit_root(tmp / "foldervocab", {"1_1": ["x"]})
+    (folder_vocab / "vocabulary_referit.txt").unlink()
+    (folder_vocab / "vocabulary_referit.txt").mkdir()
+    case("vocab_folder", tmp / "foldervocab")
 
     # COCO: bad ref entries, bad annotations and segmentations pycocotools cannot decode
     refs = [ref(1, 1, ("the man", "red dog")), ref(2, 2), ref(2, 1), {"ref_id": 3, "image_id": 1, "split": "val"},
@@ -413,6 +417,7 @@ def test_coco_bad_refs_annotations_and_segmentations_are_skipped_and_counted(bb)
 @pytest.mark.parametrize("name,message", [
     ("query_list", r"referit_query_test\.json: expected an object \{region key: \[queries\]\}, got a list"),
     ("vocab_repeat", r"vocabulary_referit\.txt: <pad> appears again on line 6"),
+    ("vocab_folder", r"vocabulary file is a folder, not a file: .*vocabulary_referit\.txt$"),
     ("refs_dict", r"refs\(unc\)\.p: expected a list of refs, got a dict"),
     ("refs_folder", r"refs\(unc\)\.p: cannot read \(Is a directory\)"),
     ("instances_no_annotations", r"instances\.json: expected an object with 'annotations' and 'images' lists"),
