@@ -9,6 +9,8 @@ Usage: ``python external/convert_backbone.py SRC OUT [--allow-partial] [--allow-
 - OUT: checkpoint prefix; ``tf.train.Checkpoint(backbone=Backbone(...))`` is written under a temporary prefix and
   renamed, so an interrupted run leaves nothing half-written.
 - ``--fc1000 auto`` (default) builds TF-resnet's ``ResNet/fc1000`` head when the source holds it.
+- Errors are one line: a bad SRC exits with status 2, an OS error (permissions, disk full; the path named) with 1,
+  Ctrl-C with 130; OUT is then not written. SRC that this converter wrote already is refused (status 2).
 - Prints a table (canonical name, stored name, shape, status), the unexpected stored tensors and a summary to stdout.
   A source lacking any backbone tensor is refused (exit 2, nothing written) unless ``--allow-partial``; the missing
   variables then keep their zero initial values.
@@ -22,12 +24,20 @@ import os
 import pathlib
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported, as trainval_model.py
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import tensorflow as tf  # noqa: E402
 
 from models.backbone import FC1000, Backbone  # noqa: E402
 from util.checkpoints import (CheckpointMismatch, backbone_name_map, detect_backbone_format,  # noqa: E402
                               load_backbone_weights, open_backbone_source, save_backbone_checkpoint)
+from util.config import error_line  # noqa: E402
+
+# The root of the stored names in a checkpoint this converter wrote (``tf.train.Checkpoint(backbone=...)``).
+OUR_ROOT = "backbone/vars/"
 
 log = logging.getLogger("convert_backbone")
 
@@ -66,8 +76,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        return convert(parser, args)
+    except (OSError, tf.errors.OpError) as e:
+        parser.exit(1, f"convert_backbone: error: {error_line(e)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"convert_backbone: interrupted; {args.out} not written\n")
+
+
+def convert(parser, args):
+    """The conversion of ``main``'s parsed ``args``; input problems exit through ``parser`` with status 2."""
+    try:
         path, reader = open_backbone_source(args.src, args.allow_pickle)
         stored = reader.get_variable_to_shape_map()
+        if detect_backbone_format(stored) == ("tf2", OUR_ROOT):
+            raise ValueError(f"{path} is already a TF2 snapshot of ours (a converted backbone): nothing to convert; "
+                             f"pass it to --init-weights as it is")
         fc1000 = source_has_fc1000(stored) if args.fc1000 == "auto" else args.fc1000 == "yes"
         backbone = Backbone(fc1000=fc1000)
         report = load_backbone_weights(backbone, path, allow_partial=True, allow_pickle=args.allow_pickle)

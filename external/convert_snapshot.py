@@ -9,13 +9,18 @@ Usage: ``python external/convert_snapshot.py SRC OUT -n MODEL [-w deeplab|resnet
   (and training, which resumes from the newest snapshot of its folder) pick it up. Written atomically.
 - ``--with-optimizer``: also carry the training state (the float step counter, ``beta1_power``/``beta2_power`` and
   the Adam slots ``text_objseg/<name>/Adam[_1]``) so training resumes exactly; SRC must be a training snapshot.
+- Errors are one line: a bad SRC exits with status 2, an OS error (permissions, disk full; the path named) with 1,
+  Ctrl-C with 130; OUT is then not written. SRC that is already a TF2 snapshot of ours is refused (status 2).
 - The model's sizes are read from SRC: the vocabulary from the embedding, the input size from the ConvLSTM
   peepholes (CMPC, RRN; 320 otherwise). A missing or misshapen tensor stops the conversion, naming it.
 """
 import argparse
 import logging
+import os
 import pathlib
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported, as trainval_model.py
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -25,8 +30,9 @@ import tensorflow as tf  # noqa: E402
 
 from models import MODEL_NAMES, build_model, canonical_name  # noqa: E402
 from util.checkpoints import CheckpointMismatch, read_tf1_checkpoint  # noqa: E402
+from util.config import error_line  # noqa: E402
 from util.optim import TF1Adam  # noqa: E402
-from util.snapshots import restore_model, write_checkpoint_atomic  # noqa: E402
+from util.snapshots import is_tf2_checkpoint, restore_model, write_checkpoint_atomic  # noqa: E402
 
 log = logging.getLogger("convert_snapshot")
 PEEPHOLE = "text_objseg/rnn/conv_lstm_cell/W_ci"
@@ -47,8 +53,12 @@ def model_from_snapshot(name, stored, weights="deeplab"):
 
 
 def convert(src, out, name, weights="deeplab", with_optimizer=False):
-    """Convert; returns the loaders' report (see ``util.snapshots.restore_model``)."""
+    """Convert; returns the loaders' report (see ``util.snapshots.restore_model``). Raises ValueError when ``src`` is
+    already one of our TF2 snapshots (nothing to convert)."""
     stored = read_tf1_checkpoint(src)
+    if is_tf2_checkpoint(src):
+        raise ValueError(f"{src} is already a TF2 snapshot of ours: nothing to convert; use it as it is "
+                         f"(trainval_model.py -f <its folder> -i <N>, or --resume-from {src})")
     model = model_from_snapshot(name, stored, weights)
     objects = {"model": model}
     optimizer = None
@@ -75,6 +85,12 @@ def main(argv=None):
     except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
         log.error("error: %s", e)
         return 2
+    except (OSError, tf.errors.OpError) as e:
+        log.error("error: %s", error_line(e))
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; %s not written", args.out)
+        return 130
     for part in ("head", "backbone", "optimizer"):
         if part in report:
             log.info("%-9s %4d loaded, %d unexpected", part, len(report[part]["loaded"]), len(report[part]["unexpected"]))

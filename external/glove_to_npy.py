@@ -13,13 +13,21 @@ Usage: ``python external/glove_to_npy.py GLOVE_TXT VOCAB_TXT OUT_NPY [--seed 0] 
   dominating it), drawn in row order from ``numpy.random.default_rng(seed)``, so the file is reproducible.
 - Output: float32 [vocabulary lines, D], written to a temporary file next to OUT_NPY and renamed (atomic).
 - Coverage (words found, %, first 20 missing) is reported via logging.
+- Errors are one line, exit status 1 (an OS error names the path: permissions, a folder given for a file, disk
+  full); Ctrl-C exits with 130. OUT_NPY is then left as it was.
 """
 import argparse
 import logging
 import os
+import pathlib
 import sys
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from util.config import error_line  # noqa: E402
 
 log = logging.getLogger("glove_to_npy")
 
@@ -129,6 +137,12 @@ def main(argv=None):
     except GloveError as e:
         log.error("%s", e)
         return 1
+    except OSError as e:
+        log.error("%s", error_line(e))
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; %s not written", args.out)
+        return 130
     return 0
 
 

@@ -6,9 +6,12 @@ backbone naming schemes of the three original codebases need one (see the backbo
 
 Errors are one line and name the tensor (``CheckpointMismatch``).
 """
+import contextlib
+import glob
 import logging
 import os
 import re
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -96,9 +99,27 @@ def save_tf1_checkpoint(tensors, prefix):
     prefix = str(prefix)
     tmp = f"{prefix}.tmp{os.getpid()}"
     names = sorted(tensors)
-    tf.raw_ops.SaveV2(prefix=tmp, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.convert_to_tensor(tensors[n]) for n in names])
-    for suffix in (".index", ".data-00000-of-00001"):
+    with removing_on_failure(tmp):
+        tf.raw_ops.SaveV2(prefix=tmp, tensor_names=names, shape_and_slices=[""] * len(names),
+                          tensors=[tf.convert_to_tensor(tensors[n]) for n in names])
+        _rename_checkpoint(tmp, prefix)
+
+
+@contextlib.contextmanager
+def removing_on_failure(tmp):
+    """If the body raises (anything, KeyboardInterrupt included), delete every file or folder whose path starts
+    with ``tmp`` (a checkpoint's temporary prefix and TF's ``_temp`` folders), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        for stale in glob.glob(glob.escape(tmp) + "*"):
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+        raise
+
+
+def _rename_checkpoint(tmp, prefix):
+    """Rename the data file first and the index last: a ``prefix.index`` that exists belongs to a complete write."""
+    for suffix in (".data-00000-of-00001", ".index"):
         os.replace(tmp + suffix, prefix + suffix)
 
 
@@ -312,7 +333,8 @@ def save_backbone_checkpoint(backbone, prefix):
     Returns the prefix; ``load_backbone_weights`` reads it back (format 'tf2').
     """
     prefix = str(prefix)
-    tmp = tf.train.Checkpoint(backbone=backbone).write(f"{prefix}.tmp{os.getpid()}")
-    for suffix in (".index", ".data-00000-of-00001"):
-        os.replace(tmp + suffix, prefix + suffix)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    with removing_on_failure(tmp):
+        tf.train.Checkpoint(backbone=backbone).write(tmp)
+        _rename_checkpoint(tmp, prefix)
     return prefix

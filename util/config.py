@@ -1,6 +1,7 @@
 """One run configuration from the originals' flags, with each model's original defaults."""
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -125,3 +126,14 @@ class RunConfig:
         if emb.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D [vocabulary, dim] array, got shape {emb.shape}")
         return emb.astype(np.float32)
+
+
+def error_line(e):
+    """The one line a CLI prints for exception ``e``: an OSError as ``<path>: <reason>`` (both paths of a rename),
+    a TensorFlow error by the first line of its message, anything else by the first line of ``str(e)``."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        paths = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        return f"{paths}: {e.strerror}"
+    tf = sys.modules.get("tensorflow")
+    text = e.message if tf is not None and isinstance(e, tf.errors.OpError) else str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0][:500]

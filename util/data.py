@@ -60,6 +60,84 @@ def load_sample(path):
     return sample
 
 
+def npz_shapes(path):
+    """{key: (shape, dtype)} of the arrays in an ``.npz``, read from the zip directory and the ``.npy`` headers only
+    (a few hundred bytes per array). Raises ``BadSample`` for a file that is not a zip of ``.npy`` arrays, a member
+    shorter than its header says (truncation), or an object array (pickle)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            shapes = {}
+            for info in archive.infolist():
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                    if dtype.hasobject:
+                        raise BadSample(f"{path}: {info.filename} is an object array (pickled data is refused)")
+                    needed = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if info.file_size < needed:
+                    raise BadSample(f"{path}: {info.filename} is truncated ({info.file_size} bytes, its header "
+                                    f"needs {needed})")
+                shapes[info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename] = (
+                    shape, dtype)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        if isinstance(e, BadSample):
+            raise
+        raise BadSample(f"{path}: unreadable .npz ({e})") from None
+    return shapes
+
+
+def check_training_file(path, image_size, steps=None):
+    """Raise ``BadSample`` naming ``path`` unless its headers (``npz_shapes``) describe a training sample of
+    ``build_batches.py`` at ``image_size``: the four keys, ``im_batch`` [S, S, 3], ``mask_batch`` [S, S],
+    ``text_batch`` [T] of integers with T = ``steps`` when given. Returns T."""
+    shapes = npz_shapes(path)
+    missing = [k for k in NPZ_KEYS if k not in shapes]
+    if missing:
+        raise BadSample(f"{path}: missing key {missing[0]} (expected {', '.join(NPZ_KEYS)})")
+    (im, _), (mask, _), (text, text_dtype) = shapes["im_batch"], shapes["mask_batch"], shapes["text_batch"]
+    expected_im = (image_size, image_size, 3)
+    if tuple(im) != expected_im or tuple(mask) != expected_im[:2]:
+        raise BadSample(f"{path}: im_batch {tuple(im)} / mask_batch {tuple(mask)}, expected {expected_im} / "
+                        f"{expected_im[:2]} (a training sample built at --img-size {image_size})")
+    if len(text) != 1 or text_dtype.kind not in "iu" or (steps is not None and text[0] != steps):
+        raise BadSample(f"{path}: text_batch {tuple(text)} {text_dtype}, expected [{steps or 'T'}] integers")
+    return text[0]
+
+
+def check_training_files(files, image_size):
+    """Check every training ``.npz`` (``check_training_file``, the same T as the first) before training starts, so
+    that a truncated, foreign or misshapen file is reported by path now rather than as an error at iteration N.
+    Raises ``BadSample`` counting the bad files and naming the first."""
+    bad, steps = [], None
+    for path in files:
+        try:
+            steps = check_training_file(path, image_size, steps)
+        except BadSample as e:
+            bad.append(str(e))
+    if bad:
+        raise BadSample(f"{len(bad)} of {len(files)} training samples are unusable, first {bad[0]}; delete them and "
+                        f"re-run build_batches.py (it writes only what is missing)")
+
+
+def sample_image_size(batch_folder, prefix, data_format="auto"):
+    """(height, width, path) of the first training sample of a split (``training_source``'s choice of format), or
+    None when there is none or it is unreadable (training reports those itself)."""
+    first = os.path.join(batch_folder, f"{prefix}_0.npz")
+    try:
+        if data_format == "npz" or (data_format == "auto" and os.path.isfile(first)):
+            shape = npz_shapes(first)["im_batch"][0]
+            return shape[0], shape[1], first
+        if data_format in ("tfrecord", "auto"):
+            source = TFRecordSamples(tfrecord_folder(batch_folder), prefix)
+            shape = source.load(0)["im_batch"].shape
+            return shape[0], shape[1], source.records[0][0]
+    except (BadSample, OSError, KeyError, IndexError):
+        return None
+    return None
+
+
 def sentence_of(sample):
     """The raw sentence as ``str`` (py2 ``str`` samples load as bytes)."""
     sent = sample["sent_batch"][0]
@@ -228,6 +306,18 @@ def training_source(batch_folder, prefix, data_format="auto"):
     if data_format in ("tfrecord", "auto"):
         return TFRecordSamples(tfrecord_folder(batch_folder), prefix)
     raise ValueError(f"unknown data format {data_format!r} (npz, tfrecord or auto)")
+
+
+def check_training_source(source, image_size):
+    """Before training: every ``.npz`` of an ``NpzSamples`` passes ``check_training_files``; the first record of a
+    ``TFRecordSamples`` (whose record index was already read in full) is a [S, S, 3] image. Raises ``BadSample``."""
+    if isinstance(source, NpzSamples):
+        check_training_files(source.files, image_size)
+        return
+    shape = source.load(0)["im_batch"].shape
+    if shape != (image_size, image_size, 3):
+        raise BadSample(f"{source.records[0][0]}: record 0 has im_batch {shape}, expected "
+                        f"{(image_size, image_size, 3)} (--img-size {image_size})")
 
 
 def _as_source(samples):

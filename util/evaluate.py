@@ -103,7 +103,9 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
 
 
 def test(cfg):
-    """The originals' ``test()``: restore ``-i`` of ``-f``, evaluate ``-d``/``-t``, print the block, write JSON."""
+    """The originals' ``test()``: restore ``-i`` of ``-f``, evaluate ``-d``/``-t``, print the block, write JSON
+    (atomically). A run that could read no sample at all raises ``BadSample`` and writes no JSON, so an earlier
+    result is never replaced by a zero-sample one."""
     files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
     model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
                         image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
@@ -112,6 +114,10 @@ def test(cfg):
     restore_model(model, prefix)
     metrics, metrics_crf, skipped = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
                                     cfg.vis_folder if cfg.visualize else None, progress=cfg.progress)
+    json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
+    if metrics.total == 0:
+        raise data.BadSample(f"none of the {len(files)} samples under {cfg.batch_folder} could be read (all skipped, "
+                             f"see the warnings); {json_path} not written")
     log.info("%s", metrics.report("without DenseCRF"))
     results = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "iteration": cfg.iteration,
                "snapshot": prefix, "without_dcrf": metrics.summary(), "skipped_unreadable": skipped}
@@ -122,7 +128,6 @@ def test(cfg):
         results["with_dcrf"] = metrics_crf.summary()
     if cfg.logdir:
         write_test_scalars(cfg.logdir, results, cfg.iteration)
-    json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
     write_json_atomic(results, json_path)
     log.info("metrics written to %s", json_path)
     return results

@@ -43,6 +43,7 @@ import tensorflow as tf
 from models import build_model
 from util import data
 from util.evaluate import SCORE_THRESHOLD
+from util.metrics import write_json_atomic
 from util.snapshots import find_snapshot, restore_model
 from util.text import PAD_ID, T_DEFAULT, UNK_ID, load_vocab_dict_from_file
 
@@ -179,11 +180,42 @@ class ServingModule(tf.Module):
         return {"mask": mask, "probability": outputs["sigm"][0, :, :, 0], "padded_image": padded, "words": words}
 
 
-def save_atomic(module, export_dir):
-    """``tf.saved_model.save`` into a hidden temporary folder beside ``export_dir``, then rename it into place.
+# Written into every SavedModel of ours; ``-m export`` replaces an existing folder only when it holds this file.
+EXPORT_MARKER = "refseg_export.json"
 
-    An existing ``export_dir`` is replaced: moved aside, the new folder renamed in, the old one deleted; a reader
-    never sees a half-written SavedModel at ``export_dir``."""
+
+def _is_within(path, folder):
+    """True if ``path`` is ``folder`` or lies inside it (both made absolute, symlinks resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_export_dir(export_dir, protected=()):
+    """Raise ValueError (one line, naming the folder) unless ``export_dir`` may receive a SavedModel: it is absent,
+    an empty folder, or a SavedModel written by ``-m export`` (it holds ``EXPORT_MARKER``); and it neither is nor
+    contains the current folder or one of the snapshot folders ``protected``. Nothing else is ever
+    replaced, so a folder of the user's files is never emptied."""
+    for folder in (os.curdir, *protected):
+        if folder and _is_within(folder, export_dir):
+            what = "the current folder" if folder == os.curdir else f"the snapshot folder {folder}"
+            raise ValueError(f"--export-dir {export_dir} is or contains {what}; refusing to replace it "
+                             f"(choose a new folder for the SavedModel)")
+    if os.path.isdir(export_dir):
+        if os.listdir(export_dir) and not os.path.isfile(os.path.join(export_dir, EXPORT_MARKER)):
+            raise ValueError(f"--export-dir {export_dir} is a non-empty folder that is not a SavedModel of ours (no "
+                             f"{EXPORT_MARKER}); refusing to replace it (choose a new or empty folder)")
+    elif os.path.lexists(export_dir):
+        raise ValueError(f"--export-dir {export_dir} exists and is not a folder")
+
+
+def save_atomic(module, export_dir, marker, protected=()):
+    """``tf.saved_model.save`` into a hidden temporary folder beside ``export_dir`` with ``marker`` (a dict) written
+    as ``EXPORT_MARKER`` inside, then rename it into place.
+
+    ``export_dir`` must pass ``check_export_dir``; an existing SavedModel of ours there is replaced: moved aside, the
+    new folder renamed in, the old one deleted; a reader never sees a half-written SavedModel at ``export_dir``. A
+    failed write (disk full, interruption) removes the temporary folder and leaves ``export_dir`` as it was."""
+    check_export_dir(export_dir, protected)
     final = os.path.abspath(export_dir)
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
@@ -192,7 +224,12 @@ def save_atomic(module, export_dir):
     for stale in (tmp, old):
         if os.path.exists(stale):
             shutil.rmtree(stale)
-    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
+    try:
+        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
+        write_json_atomic(marker, os.path.join(tmp, EXPORT_MARKER))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
@@ -206,6 +243,7 @@ def export(cfg):
     ``--export-dir`` with the vocabulary ``cfg.vocab_file`` baked in. Returns the SavedModel folder."""
     if not cfg.export_dir:
         raise ValueError("-m export needs --export-dir DIR")
+    check_export_dir(cfg.export_dir, (cfg.snapshot_folder,))
     if not os.path.isfile(cfg.vocab_file):
         raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
     vocab = load_vocab_dict_from_file(cfg.vocab_file)
@@ -217,7 +255,9 @@ def export(cfg):
                         image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
     restore_model(model, prefix)
     log.info("restored %s from %s", cfg.model, prefix)
-    final = save_atomic(ServingModule(model, vocab, cfg.image_size), cfg.export_dir)
+    marker = {"model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size, "snapshot": prefix,
+              "vocabulary": cfg.vocab_file}
+    final = save_atomic(ServingModule(model, vocab, cfg.image_size), cfg.export_dir, marker, (cfg.snapshot_folder,))
     log.info("wrote SavedModel %s (%s, %d×%d, vocabulary %s)", final, cfg.model, cfg.image_size, cfg.image_size,
              cfg.vocab_file)
     return final

@@ -71,8 +71,14 @@ class SegmentationMetrics:
 
 
 def write_json_atomic(obj, path):
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename (the temporary file is removed if the
+    write fails)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

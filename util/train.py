@@ -15,7 +15,7 @@ from util import data
 from util.checkpoints import load_backbone_weights
 from util.metrics import compute_accuracy
 from util.optim import WEIGHT_DECAY, TF1Adam, gradient_multiplier, is_regularized, l2_regularization
-from util.snapshots import Snapshots, restore_model
+from util.snapshots import NonFiniteWeights, Snapshots, restore_model
 from util.summaries import plugin_metadata
 
 RANDOM_INIT = "random"
@@ -234,6 +234,11 @@ def train(cfg):
     weights; fp16 with ``DynamicLossScale``), ``cfg.strategy`` (``cfg.batch_size`` is the global batch, split
     evenly across the replicas; snapshots and summaries are written by the chief only; logged accuracies are over
     this process's replicas), ``cfg.logdir`` (``TrainSummaries``) and TFRecord input (``data.training_source``).
+
+    Before the model is built, every training sample is checked (``data.check_training_source``). Training resumes
+    from the newest *good* snapshot (``Snapshots.latest_good``: complete and finite). It stops with
+    ``TrainingDiverged`` when the loss is not finite, or when the weights are not finite at a snapshot (which is then
+    not written); the message names the newest good snapshot.
     """
     strategy = make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
@@ -241,6 +246,7 @@ def train(cfg):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {replicas} replicas")
     chief = is_chief(strategy)
     source = data.training_source(cfg.batch_folder, cfg.batch_prefix, cfg.data_format)
+    data.check_training_source(source, cfg.image_size)
     dtype = COMPUTE_DTYPES[cfg.precision]
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
@@ -252,7 +258,7 @@ def train(cfg):
     snapshots = Snapshots(cfg.snapshot_folder, cfg.snapshot_name, keep=cfg.keep_snapshots)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
 
-    start, latest = snapshots.latest()
+    start, latest = snapshots.latest_good()
     if latest is not None:
         restore_model(model, latest, optimizer)
         start = int(optimizer.step.numpy())
@@ -298,14 +304,21 @@ def train(cfg):
     end = min(cfg.max_iter, cfg.stop_iter)
     bar = tqdm(total=end, initial=min(start, end), desc="train", unit="iter", disable=not cfg.progress,
                file=sys.stderr)
+    def last_good():
+        return snapshots.latest_good()[1] or "(none yet)"
+
     for n_iter in range(start, cfg.max_iter):
-        words, image, target = next(batches)
+        try:
+            words, image, target = next(batches)
+        except tf.errors.OpError as e:
+            raise data.BadSample(f"reading the sample of iteration {n_iter} failed: "
+                                 f"{str(e).strip().splitlines()[0][:300]}") from None
         losses, outputs = step_fn((image, words), target)
         cls_loss = float(losses["cls_loss"])
         if not np.isfinite(float(losses["cost"])):
             raise TrainingDiverged(
                 f"loss is {float(losses['cost'])} at iteration {n_iter}: stopping; the last good snapshot is "
-                f"{snapshots.latest()[1] or '(none yet)'}")
+                f"{last_good()}")
         avg_loss = averages.update("loss", cls_loss)
         pred = _local(outputs["pred"])
         score_size = score_size or list(pred.shape[1:3])
@@ -324,7 +337,11 @@ def train(cfg):
         last_time = now
         bar.update(1)
         if chief and ((n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter):
-            log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1))
+            try:
+                log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1, (model, optimizer)))
+            except NonFiniteWeights as e:
+                raise TrainingDiverged(f"weights are not finite after iteration {n_iter}: {e}; stopping; the last "
+                                       f"good snapshot is {last_good()}") from None
         if n_iter + 1 >= cfg.stop_iter:
             log.info("stop training at iter %d", cfg.stop_iter)
             break
