@@ -116,6 +116,9 @@ def test_reduced_size_decoding_jpeg_draft_and_reduce(tmp_path):
     arr, size = im_proc.read_image(str(tmp_path / "big.png"), max_side=900)
     assert size == (2000, 3000) and arr.shape == (667, 1000) and (arr == 77).all()
     assert im_proc.read_image(str(tmp_path / "big.png"))[0].shape == (2000, 3000)
+    Image.fromarray(np.full((1000, 1500), 40000, np.uint16)).save(tmp_path / "big16.png")
+    arr, size = im_proc.read_image(str(tmp_path / "big16.png"), max_side=700)
+    assert size == (1000, 1500) and arr.shape == (500, 750) and (arr == 40000 >> 8).all()
 
 
 def test_unusable_image_files_are_named(tmp_path, caplog, monkeypatch):

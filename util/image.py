@@ -97,8 +97,8 @@ def read_image(path, max_side=None):
 
     ``max_side``: when the longer side exceeds it, decode at a reduced size whose longer side stays ≥ ``max_side``:
     JPEGs through libjpeg's DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8, so the full image is never in memory),
-    then any format by ``Image.reduce(k)`` (k×k box average, k from ``reduced_size_factor``). ``None`` decodes the
-    stored size. Pillow's decompression-bomb check stays on: over ``Image.MAX_IMAGE_PIXELS`` a one-line warning is
+    then any format, after the 8-bit mapping, by ``Image.reduce(k)`` (k×k box average, k from
+    ``reduced_size_factor``). ``None`` decodes the stored size. Pillow's decompression-bomb check stays on: over ``Image.MAX_IMAGE_PIXELS`` a one-line warning is
     logged; over twice that the file is refused. Raises ImageReadError (reason 'missing image', 'unreadable image' or
     'image too large'; message naming the file) for every file that cannot be decoded, including an OS error.
     """
@@ -109,14 +109,12 @@ def read_image(path, max_side=None):
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 orig_w, orig_h = img.size
-                if max_side is not None and max(img.size) > max_side:
+                if max_side is not None and max(img.size) > max_side and img.format == "JPEG":
                     scale = max_side / max(img.size)
-                    if img.format == "JPEG":
-                        img.draft(img.mode, (int(np.ceil(orig_w * scale)), int(np.ceil(orig_h * scale))))
-                    k = reduced_size_factor(img.size, max_side)
-                    if k > 1:
-                        img = img.reduce(k)
+                    img.draft(img.mode, (int(np.ceil(orig_w * scale)), int(np.ceil(orig_h * scale))))
                 arr = pil_to_uint8(img)
+            if max_side is not None and reduced_size_factor(arr.shape[:2], max_side) > 1:
+                arr = np.asarray(Image.fromarray(arr).reduce(reduced_size_factor(arr.shape[:2], max_side)))
         for w in caught:
             if issubclass(w.category, Image.DecompressionBombWarning):
                 log.warning("%s: %d×%d = %d pixels is over Pillow's decompression-bomb warning limit (%d); "
