@@ -300,3 +300,154 @@ def test_training_resumes_from_the_newest_good_snapshot_and_ctrl_c_is_one_line(r
     assert f"skipping snapshot {folder / NAME}_2: tensor {poisoned} is not finite (NaN or inf)" in text
     assert text.strip().splitlines()[-1] == f"interrupted; the last complete snapshot is {folder / NAME}_1"
     assert Snapshots(str(folder), NAME).iterations() == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worst item 3: test mode never replaces a result with a zero-sample one; JSON writes are atomic
+
+
+def test_test_mode_with_no_readable_sample_keeps_the_existing_json(root, tmp_path, capfd, caplog):
+    val = tmp_path / "unc" / "val_batch"
+    val.mkdir(parents=True)
+    (val / "unc_val_0.npz").write_bytes(b"PK\x03\x04 truncated")
+    (val / "unc_val_1.npz").write_text("not a zip")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", folder)
+    json_path = folder / f"{NAME}_1.unc_val.json"
+    json_path.write_text('{"without_dcrf": {"samples": 5000}}')
+    rc, text = cli(trainval_model.main, ["-m", "test", "-t", "val", "-d", "unc", "-n", "LSTM_model", "-f", str(folder),
+                                         "-i", "1", "--img-size", str(SIZE), "--batch-root", str(tmp_path)],
+                   capfd, caplog)
+    assert rc == 1
+    assert f"error: none of the 2 samples under {val} could be read (all skipped, see the warnings); {json_path} not " \
+           "written" in error_lines(text)[-1]
+    assert json_path.read_text() == '{"without_dcrf": {"samples": 5000}}'
+
+
+def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.json"
+    write_json_atomic({"samples": 3}, str(path))
+
+    def full_disk(obj, f, **kw):
+        f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError):
+        write_json_atomic({"samples": 0}, str(path))
+    assert os.listdir(tmp_path) == ["m.json"] and json.loads(path.read_text()) == {"samples": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class 4: corrupt or misshapen training samples are found before training starts
+
+
+def test_bad_training_samples_are_named_before_training(root, tmp_path, capfd, caplog):
+    good = root / "unc" / "train_batch" / "unc_train_0.npz"
+    cases = {
+        "truncated": lambda p: p.write_bytes(good.read_bytes()[:-200]),
+        "foreign": lambda p: p.write_text("hello"),
+        "mask": lambda p: write_sample(p, mask_shape=(SIZE, SIZE + 1)),
+        "size": lambda p: write_sample(p, size=40),
+        "text": lambda p: write_sample(p, steps=15),
+        "pickle": lambda p: np.savez(p, text_batch=np.array([object()]), im_batch=0, mask_batch=0, sent_batch=0),
+        "keys": lambda p: np.savez(p, im_batch=np.zeros((SIZE, SIZE, 3), np.uint8)),
+    }
+    expected = {"truncated": "unreadable .npz", "foreign": "unreadable .npz", "mask": "mask_batch (32, 33)",
+                "size": "im_batch (40, 40, 3)", "text": "text_batch (15,) int64, expected [20] integers",
+                "pickle": "is an object array (pickled data is refused)", "keys": "missing key text_batch"}
+    for kind, make in cases.items():
+        folder = tmp_path / kind / "unc" / "train_batch"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(root / "unc" / "train_batch" / f"unc_train_{i}.npz", folder / f"unc_train_{i}.npz")
+        make(folder / "unc_train_3.npz")
+        with pytest.raises(data.BadSample, match=r"1 of 4 training samples are unusable, first .*unc_train_3\.npz: "):
+            data.check_training_files(data.batch_files(str(folder), "unc_train"), SIZE)
+        try:
+            data.check_training_files([str(folder / "unc_train_3.npz")], SIZE)
+        except data.BadSample as e:
+            assert expected[kind] in str(e), (kind, str(e))
+    rc, text = cli(trainval_model.main, train_args(tmp_path / "mask", folder=tmp_path / "out"), capfd, caplog)
+    assert rc == 1 and "error: 1 of 4 training samples are unusable, first " in text and "unc_train_3.npz" in text
+    assert "Initialising the backbone" not in text and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class 3 and 5: OS errors and Ctrl-C are one line (exit 1 / 130), in trainval_model.py and the converters
+
+
+def test_os_errors_and_ctrl_c_in_trainval_are_one_line(root, tmp_path, capfd, caplog, monkeypatch):
+    import util.bench
+    import util.evaluate
+    import util.export
+
+    def raising(exc):
+        def fn(cfg):
+            raise exc
+        return fn
+
+    test_argv = ["-m", "test", "-t", "val", "-d", "unc", "-n", "LSTM_model", "-f", str(root / "ckpt"), "-i", "1"]
+    cases = [
+        (util.evaluate, "test", test_argv,
+         OSError(errno.EROFS, "Read-only file system", "/mnt/ro/m.json"), 1, "error: /mnt/ro/m.json: Read-only file system"),
+        (util.evaluate, "test", test_argv,
+         IsADirectoryError(errno.EISDIR, "Is a directory", "/x/vis/000000_im.png"), 1,
+         "error: /x/vis/000000_im.png: Is a directory"),
+        (util.export, "export", export_argv(root, tmp_path / "exp"),
+         OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".exp.tmp1")), 1,
+         f"error: {tmp_path / '.exp.tmp1'}: No space left on device"),
+        (util.bench, "bench", ["-m", "bench", "-n", "LSTM_model"],
+         tf.errors.PermissionDeniedError(None, None, "/sys/b.json; Permission denied\nmore"), 1,
+         "error: /sys/b.json; Permission denied"),
+        (util.evaluate, "test", test_argv, KeyboardInterrupt(), 130, "interrupted; no metrics written"),
+        (util.export, "export", export_argv(root, tmp_path / "exp"), KeyboardInterrupt(), 130,
+         "interrupted; no SavedModel written"),
+    ]
+    for module, name, argv, exc, status, expected in cases:
+        monkeypatch.setattr(module, name, raising(exc))
+        rc, text = cli(trainval_model.main, argv, capfd, caplog)
+        assert rc == status and expected in text, (expected, text[-500:])
+        assert text.count(expected) == 1 and "more" not in text
+
+
+def test_converter_os_errors_are_one_line(root, tmp_path, capfd, caplog):
+    vocab, glove = tmp_path / "vocab.txt", tmp_path / "glove.txt"
+    vocab.write_text("<pad>\n<go>\n<eos>\n<unk>\nman\n")
+    glove.write_text("man 0.1 0.2\n")
+    out_dir = tmp_path / "out_is_a_folder.npy"
+    out_dir.mkdir()
+    cases = [
+        (glove_to_npy.main, [str(glove), str(vocab), str(out_dir)], 1, "Is a directory"),
+        (glove_to_npy.main, [str(glove), str(tmp_path), str(tmp_path / "e.npy")], 1, f"{tmp_path}: Is a directory"),
+        (glove_to_npy.main, [str(glove), str(vocab), "/sys/e.npy"], 1, "/sys/e.npy.tmp: Permission denied"),
+        (convert_snapshot.main, [str(root / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/out", "-n", "LSTM_model"], 1,
+         "error: /sys/refseg: Operation not permitted"),
+        (convert_backbone.main, [str(root / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/bb"], 1,
+         "convert_backbone: error: /sys/refseg: Operation not permitted"),
+    ]
+    for main, argv, status, expected in cases:
+        rc, text = cli(main, argv, capfd, caplog)
+        assert rc == status and expected in text, (argv, text[-800:])
+    assert sorted(os.listdir(tmp_path)) == ["glove.txt", "out_is_a_folder.npy", "vocab.txt"]
+    assert os.listdir(out_dir) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class 7: the converters quiet TensorFlow's C++ log and recognise our own TF2 files
+
+
+@pytest.mark.parametrize("script,argv,expected", [
+    ("convert_snapshot.py", ["ckpt/" + NAME + "_1", "converted", "-n", "LSTM_model"],
+     "ckpt/" + NAME + "_1 is already a TF2 snapshot of ours: nothing to convert"),
+    ("convert_backbone.py", ["backbone", "converted"],
+     "backbone is already a TF2 snapshot of ours (a converted backbone): nothing to convert"),
+])
+def test_converters_refuse_our_own_tf2_files_quietly(root, script, argv, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, str(REPO / "external" / script), *[str(root / a) for a in argv[:2]],
+                           *argv[2:]], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and expected in text and "Traceback" not in text
+    assert not any(marker in text for marker in TF_INFO_LINES), text
+    assert len(text.strip().splitlines()) == 1 and not (root / "converted.index").exists()
