@@ -5,8 +5,8 @@ RRN; chenxi116's ``deeplab_model.DeepLab`` / ``resnet_model.ResNet(atrous=True)`
 
 - stride in the first 1×1 conv of a bottleneck (``res3a_branch2a`` and ``res3a_branch1``), no conv biases;
 - output stride 8: stage 4 uses dilation 2 and stage 5 dilation 4 in their 3×3 convs, no stride;
-- frozen batch norm, always in inference mode: ``y = x·inv + (beta − mean·inv)``, ``inv = gamma·rsqrt(var + 0.001)``
-  (the ``tf.nn.batch_normalization`` formula with slim's / TF-deeplab's epsilon 0.001, not Caffe's 1e-5);
+- frozen batch norm, always in inference mode: ``y = (x − mean)·gamma·rsqrt(var + 0.001) + beta`` as one
+  ``FusedBatchNormV3`` op (slim's / TF-deeplab's epsilon 0.001, not Caffe's 1e-5);
 - TensorFlow ``SAME`` padding, asymmetric for even inputs (conv1 pads 2/3 on 320, pool1 0/1 on 160), reproduced by
   calling ``tf.nn.conv2d`` / ``tf.nn.max_pool2d`` with ``'SAME'`` — not Caffe's symmetric padding;
 - NHWC input: BGR, 0–255, minus the per-channel mean (104.00698793, 116.66876762, 122.67891434).
@@ -133,10 +133,17 @@ class Backbone(tf.Module):
         return tf.nn.conv2d(x, w, strides=stride, padding="SAME", dilations=dilation)
 
     def _bn(self, x, conv, relu):
-        """Inference batch norm of scope ``bn_name(conv)`` with the moving statistics, epsilon 0.001, optional ReLU."""
+        """Inference batch norm of scope ``bn_name(conv)`` with the moving statistics, epsilon 0.001, optional ReLU.
+
+        One ``FusedBatchNormV3`` op in inference mode (``is_training=False``), as the originals' graph runs it
+        (``tf.contrib.layers.batch_norm(fused=True)`` / ``tf.nn.fused_batch_norm``): TF's graph optimizer fuses
+        it with the preceding ``Conv2D`` and the ``Relu`` into one kernel. Statistics and scale stay float32 for a
+        bfloat16/float16 ``x``.
+        """
         p = {k: self.vars[f"{bn_name(conv)}/{k}"] for k in ("beta", "gamma", "moving_mean", "moving_variance")}
-        inv = p["gamma"] * tf.math.rsqrt(p["moving_variance"] + BN_EPSILON)
-        y = x * tf.cast(inv, x.dtype) + tf.cast(p["beta"] - p["moving_mean"] * inv, x.dtype)
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=p["gamma"], offset=p["beta"], mean=p["moving_mean"], variance=p["moving_variance"],
+            epsilon=BN_EPSILON, is_training=False)[0]
         return tf.nn.relu(y) if relu else y
 
     def _unit(self, x, unit, stride, dilation, project):
