@@ -16,9 +16,12 @@ Usage: ``python external/convert_restr.py SRC.pth OUT [--heads 12] [--input-size
 import argparse
 import logging
 import math
+import os
 import pathlib
 import re
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported, as trainval_model.py
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -27,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models.restr import ReSTR  # noqa: E402
+from util.config import error_line  # noqa: E402
 from util.pth import PthError, load_state_dict  # noqa: E402
 from util.snapshots import write_checkpoint_atomic  # noqa: E402
 
@@ -104,6 +108,12 @@ def main(argv=None):
     except (FileNotFoundError, PthError, ValueError) as e:
         log.error("error: %s", e)
         return 2
+    except (OSError, tf.errors.OpError) as e:
+        log.error("error: %s", error_line(e))
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; %s not written", args.out)
+        return 130
     log.info("%d tensors, %d parameters", tensors, parameters)
     log.info("wrote %s", args.out)
     return 0

@@ -18,7 +18,7 @@ from tests.conftest import REPO, SAMPLE_TRAIN_SIZE as SIZE
 from util import data
 from util.config import RunConfig
 from util.evaluate import predict_masks, prepare
-from util.export import export, in_graph_mask, in_graph_preprocess
+from util.export import EXPORT_MARKER, export, in_graph_mask, in_graph_preprocess
 from util.image import img_as_ubyte, resize_and_pad
 from util.text import load_vocab_dict_from_file, preprocess_sentence
 
@@ -186,6 +186,7 @@ def test_export_replaces_atomically_and_names_missing_inputs(sample, tmp_path_fa
     out = tmp_path / "sm"
     (out / "variables").mkdir(parents=True)
     (out / "stale.txt").write_text("old export")
+    (out / EXPORT_MARKER).write_text("{}")               # a previous export of ours: only those are replaced
     export(export_config(sample, folders["seeded"], 0, out))
     assert sorted(os.listdir(tmp_path)) == ["sm"]        # no temporary or old folder left
     assert not (out / "stale.txt").exists() and (out / "saved_model.pb").is_file()

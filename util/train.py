@@ -311,8 +311,9 @@ def train(cfg):
         try:
             words, image, target = next(batches)
         except tf.errors.OpError as e:
+            first_line = (e.message.strip().splitlines() or [type(e).__name__])[0]
             raise data.BadSample(f"reading the sample of iteration {n_iter} failed: "
-                                 f"{str(e).strip().splitlines()[0][:300]}") from None
+                                 f"{first_line.split('BadSample: ')[-1][:300]}") from None
         losses, outputs = step_fn((image, words), target)
         cls_loss = float(losses["cls_loss"])
         if not np.isfinite(float(losses["cost"])):
