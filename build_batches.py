@@ -6,8 +6,19 @@ Output: ``<output-dir>/<name>/<split>_batch/<name>_<split>_<n>.npz``, one file p
 with keys ``text_batch`` (int64 [20], ids left-padded with 0), ``im_batch`` (uint8 [H, W, 3]), ``mask_batch`` (bool
 [H, W]) and ``sent_batch`` (str array [1]). ``<name>`` is the dataset (``unc``, ``unc+``, ``Gref``, ``referit``),
 except ``Gref_umd`` for ``-d Gref --split-by umd`` so that the UMD and Google partitions of RefCOCOg never mix.
-Splits whose name contains 'train' are resized-and-padded to ``--img-size`` squared (scikit-image 0.13 arithmetic,
-``util/image.py``); other splits keep the original resolution. Grayscale images are tiled to 3 channels.
+Splits whose name contains 'train' are resized-and-padded to ``--img-size`` squared (pad value 0 = black); other
+splits keep the original resolution. Grayscale images are tiled to 3 channels.
+
+``--family`` picks the model family's format (``FAMILIES``): ``tf1`` (default; RMI, RRN, CMPC, LSTM: the TF1
+originals' ``build_batches.py``) — ``--img-size`` 320, ``--resize skimage013``, the four keys above; ``restr``
+(ReSTR's own ``build_batches.py``) — ``--img-size`` 480, ``--resize skimage019`` and a fifth key ``im_name_batch``
+(0-d str: ``COCO_train2014_<id:012d>`` without extension for COCO, ``<id>.jpg`` for ReferIt, as ReSTR writes it).
+``--img-size`` and ``--resize`` override the family's defaults. ``--resize skimage013``: scikit-image 0.13's
+``resize`` (bilinear, no anti-aliasing), reimplemented in numpy (``util.image.resize_and_pad``), what the TF1 models
+were trained on; ``skimage019``: scikit-image 0.19.3's (Gaussian anti-aliasing when shrinking, mirror edges; ReSTR's
+pinned version), run through the installed scikit-image (``util.image.resize_and_pad_skimage019``). Masks are
+resized as float32 and thresholded ``> 0``, so the 0.19 blur grows shrunk masks by a pixel or so at the border.
+Input normalisation ((x − 127.5) / 127.5 for ReSTR, BGR − mean for the TF1 models) is the model's, not the files'.
 
 Numbering and order: refs in ascending ref_id (the Python 2 dict order the original iterated, spec §7.19),
 sentences in list order; ReferIt region keys in sorted order (the original used py2 string-hash order). ``n`` runs
@@ -26,7 +37,9 @@ TFRecord shards ``<output-dir>/<name>/<split>_tfrecord/<name>_<split>-00000-of-0
 absent. This module does not import TensorFlow unless ``--format tfrecord`` is given.
 
 Re-runs verify what is there: an existing file counts as present only if it reads back completely and matches the
-plan (``existing_sample_problem``: keys, dtypes, token ids, sentence, and the ``--img-size`` of training splits);
+plan (``existing_sample_problem``: keys, dtypes, token ids, sentence, ``im_name_batch``, and the ``--img-size`` of
+training splits; the resize semantics cannot be read back from a file, so build with another ``--resize`` into a new
+``--output-dir``);
 otherwise it is rewritten and the summary says how many were. Annotations are validated when read (``util/refer.py``):
 a bad ref, sentence, annotation, segmentation or ReferIt query entry is skipped with one warning naming the file and
 the entry, and counted in the summary; a file that cannot be read at all stops the run (exit 1). Images are decoded by
@@ -57,6 +70,8 @@ T = 20
 COCO_SOURCES = {"unc": "refcoco", "unc+": "refcoco+", "Gref": "refcocog"}
 DEFAULT_SPLIT_BY = {"unc": "unc", "unc+": "unc", "Gref": "google"}
 REFERIT_SPLITS = ("trainval", "test", "train", "val", "all")
+FAMILIES = {"tf1": {"img_size": 320, "resize": "skimage013", "im_name": False},
+            "restr": {"img_size": 480, "resize": "skimage019", "im_name": True}}
 DATASETS = ("unc", "unc+", "Gref", "referit")
 
 
@@ -96,15 +111,18 @@ def read_image(path):
         raise BadSample(e.reason, e.detail) from None
 
 
-def process_pair(im, mask, train, size):
+def process_pair(im, mask, train, size, resize="skimage013"):
     """The original's per-sample processing: (uint8 [H, W, 3] image, bool [H, W] mask).
 
-    Train: ``img_as_ubyte(resize_and_pad(im))`` and ``resize_and_pad(mask) > 0`` at size×size; otherwise the
-    inputs unchanged (mask > 0). A 2-D image is tiled to 3 channels afterwards.
+    Train: ``img_as_ubyte(resize_and_pad(im))`` and ``resize_and_pad(mask) > 0`` at size×size, with the
+    ``resize_and_pad`` of ``resize`` (``util.image.RESIZE_AND_PAD``: 'skimage013' or 'skimage019'; ``img_as_ubyte``
+    is the same in both versions); otherwise the inputs unchanged (mask > 0). A 2-D image is tiled to 3 channels
+    afterwards.
     """
     if train:
-        im = im_proc.img_as_ubyte(im_proc.resize_and_pad(im, size, size))
-        mask = im_proc.resize_and_pad(mask, size, size)
+        resize_and_pad = im_proc.RESIZE_AND_PAD[resize]
+        im = im_proc.img_as_ubyte(resize_and_pad(im, size, size))
+        mask = resize_and_pad(mask, size, size)
     if im.ndim == 2:
         im = np.tile(im[:, :, np.newaxis], (1, 1, 3))
     return im, mask > 0
@@ -148,16 +166,18 @@ def _load_unit_pair(unit):
     return im, mask
 
 
-def existing_sample_problem(path, ids, sentence, size):
+def existing_sample_problem(path, ids, sentence, size, im_name=None):
     """None when ``path`` is a complete sample of this plan, else why it must be rewritten (a short phrase).
 
-    Complete: a readable archive (every member read, so zip CRCs are checked) with exactly the four keys;
-    ``text_batch`` int64 equal to ``ids``; ``sent_batch`` one element equal to ``sentence``; ``im_batch`` uint8
-    [H, W, 3] (H = W = ``size`` when ``size`` is given, i.e. training splits); ``mask_batch`` bool [H, W].
+    Complete: a readable archive (every member read, so zip CRCs are checked) with exactly the four keys, plus
+    ``im_name_batch`` when ``im_name`` is given; ``text_batch`` int64 equal to ``ids``; ``sent_batch`` one element
+    equal to ``sentence``; ``im_name_batch`` one str equal to ``im_name``; ``im_batch`` uint8 [H, W, 3]
+    (H = W = ``size`` when ``size`` is given, i.e. training splits); ``mask_batch`` bool [H, W].
     """
+    keys = ["im_batch", "mask_batch", "sent_batch", "text_batch"] + (["im_name_batch"] if im_name is not None else [])
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if sorted(npz.files) != ["im_batch", "mask_batch", "sent_batch", "text_batch"]:
+            if sorted(npz.files) != sorted(keys):
                 return f"keys {sorted(npz.files)}"
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
@@ -170,6 +190,10 @@ def existing_sample_problem(path, ids, sentence, size):
         stored = stored.decode("utf-8", "replace")
     if stored is None or str(stored) != sentence:
         return "another sentence"
+    if im_name is not None:
+        name = arrays["im_name_batch"]
+        if name.dtype.kind != "U" or name.size != 1 or str(name.ravel()[0]) != im_name:
+            return "another im_name_batch"
     if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 or (size and im.shape[:2] != (size, size)):
         return f"image {im.dtype} {list(im.shape)}"
     if mask.dtype != np.bool_ or mask.shape != im.shape[:2]:
@@ -177,18 +201,21 @@ def existing_sample_problem(path, ids, sentence, size):
     return None
 
 
-def process_unit(unit, train, size):
+def process_unit(unit, train, size, resize="skimage013", with_im_name=False):
     """Write the missing or invalid files of one unit (one image + mask, several sentences).
 
-    ``unit``: dict(image=path, mask=('coco', segmentation) | ('referit', mat_path), samples=[(out_path, ids,
-    sentence)]). A file already there counts as present only if ``existing_sample_problem`` finds none (size
-    checked for training splits); otherwise it is rewritten. Returns (written, already_present, (reason, message)
+    ``unit``: dict(image=path, im_name=ReSTR's image name, mask=('coco', segmentation) | ('referit', mat_path),
+    samples=[(out_path, ids, sentence)]). ``resize``: see ``process_pair``; ``with_im_name``: also write
+    ``im_name_batch`` = ``unit['im_name']`` (0-d str array, as ReSTR's ``np.savez(im_name_batch=im_name)``). A file
+    already there counts as present only if ``existing_sample_problem`` finds none (size checked for training
+    splits); otherwise it is rewritten. Returns (written, already_present, (reason, message)
     or None, n_bad, [(path, why) of the rewritten files]).
     """
     todo, replaced = [], []
     for sample in unit["samples"]:
         if os.path.exists(sample[0]):
-            why = existing_sample_problem(sample[0], sample[1], sample[2], size if train else None)
+            why = existing_sample_problem(sample[0], sample[1], sample[2], size if train else None,
+                                          unit["im_name"] if with_im_name else None)
             if why is None:
                 continue
             replaced.append((sample[0], why))
@@ -197,12 +224,13 @@ def process_unit(unit, train, size):
     if not todo:
         return 0, present, None, 0, replaced
     try:
-        im, mask = process_pair(*_load_unit_pair(unit), train, size)
+        im, mask = process_pair(*_load_unit_pair(unit), train, size, resize)
     except BadSample as e:
         return 0, present, (e.reason, str(e)), len(todo), replaced
+    extra = {"im_name_batch": np.array(unit["im_name"])} if with_im_name else {}
     for out_path, ids, sent in todo:
         save_npz_atomic(out_path, text_batch=np.array(ids, dtype=np.int64), im_batch=im, mask_batch=mask,
-                        sent_batch=np.array([sent]))
+                        sent_batch=np.array([sent]), **extra)
     return len(todo), present, None, 0, replaced
 
 
@@ -264,7 +292,9 @@ def plan_coco(args, out_folder, prefix, vocab, skipped):
             samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sent))
             n += 1
         if samples:
-            units.append({"image": os.path.join(args.image_root, coco_image_name(ref["image_id"])),
+            image_name = coco_image_name(ref["image_id"])
+            units.append({"image": os.path.join(args.image_root, image_name),
+                          "im_name": os.path.splitext(image_name)[0],
                           "mask": ("coco", ann["segmentation"]), "samples": samples})
     return units
 
@@ -286,7 +316,8 @@ def plan_referit(args, out_folder, prefix, vocab, skipped):
             samples.append((os.path.join(out_folder, f"{prefix}_{n}.npz"), ids, sent))
             n += 1
         if samples:
-            units.append({"image": os.path.join(args.image_root, key.split("_", 1)[0] + ".jpg"),
+            image_name = key.split("_", 1)[0] + ".jpg"
+            units.append({"image": os.path.join(args.image_root, image_name), "im_name": image_name,
                           "mask": ("referit", os.path.join(mask_dir, key + ".mat")), "samples": samples})
     return units
 
@@ -303,7 +334,16 @@ def parse_args(argv):
                         "referit trainval|test (default trainval)")
     p.add_argument("--split-by", default=None,
                    help="REFER partition: unc for unc/unc+; google (default) or umd for Gref")
-    p.add_argument("--img-size", type=int, default=320, help="side of the padded training images (default 320)")
+    p.add_argument("--family", default="tf1", choices=tuple(FAMILIES),
+                   help="model family whose build_batches.py to reproduce: tf1 (RMI, RRN, CMPC, LSTM; default) = "
+                        "--img-size 320 --resize skimage013, four keys; restr (ReSTR) = --img-size 480 "
+                        "--resize skimage019, plus im_name_batch")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="side of the padded training images (default: the family's, 320 or 480)")
+    p.add_argument("--resize", default=None, choices=tuple(im_proc.RESIZE_AND_PAD),
+                   help="resize semantics of training splits: skimage013 (no anti-aliasing; what the TF1 models "
+                        "trained on) or skimage019 (Gaussian anti-aliasing when shrinking; ReSTR's scikit-image "
+                        "0.19.3) (default: the family's)")
     p.add_argument("--data-root", default=".",
                    help="folder holding data/ and external/refer/data (default: current folder)")
     p.add_argument("--image-root", default=None,
@@ -321,6 +361,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.make_sample:
         return args
+    family = FAMILIES[args.family]
+    args.img_size = family["img_size"] if args.img_size is None else args.img_size
+    args.resize = args.resize or family["resize"]
+    args.with_im_name = family["im_name"]
     if args.d not in DATASETS:
         raise UsageError(f"unknown dataset {args.d!r} (choose from {', '.join(DATASETS)})")
     if args.d == "referit":
@@ -365,7 +409,10 @@ def run(args):
     train = is_train_split(args.t)
     total = sum(len(u["samples"]) for u in units)
     stats = Counter()
-    tasks = [(u, train, args.img_size) for u in units]
+    if train:
+        log.info("--family %s: training images resized and padded to %d×%d with --resize %s%s", args.family,
+                 args.img_size, args.img_size, args.resize, ", with im_name_batch" if args.with_im_name else "")
+    tasks = [(u, train, args.img_size, args.resize, args.with_im_name) for u in units]
     first_replaced = []
     start = time.perf_counter()
     from tqdm import tqdm

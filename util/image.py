@@ -1,6 +1,8 @@
 """Image processing with the exact semantics of the originals' ``util/im_processing.py`` and
-``util/processing_tools.py`` (scikit-image 0.13 era), and the one image-file reader that ``build_batches.py`` and
-``demo.py`` share (``read_image``: every Pillow mode to 8-bit, optional reduced-size decoding)."""
+``util/processing_tools.py`` (scikit-image 0.13 era, reimplemented in numpy), ReSTR's scikit-image 0.19.3
+``resize_and_pad`` (``resize_and_pad_skimage019``, through the installed scikit-image), and the one image-file
+reader that ``build_batches.py`` and ``demo.py`` share (``read_image``: every Pillow mode to 8-bit, optional
+reduced-size decoding)."""
 import logging
 import warnings
 
@@ -334,6 +336,48 @@ def resize_and_crop(im, h, w):
     out = np.zeros((h, w) + im.shape[2:], dtype=resized.dtype)
     out[...] = resized[crop_h:crop_h + h, crop_w:crop_w + w, ...]
     return out
+
+
+def resize_skimage019(im, out_h, out_w):
+    """``skimage.transform.resize(im, [out_h, out_w])`` as scikit-image 0.19.3 ran it with its defaults (ReSTR's
+    pinned version), through the installed scikit-image with every argument spelled out.
+
+    0.19.3 defaults: order=1, mode='reflect' (scipy.ndimage 'mirror'), cval=0, clip=True, preserve_range=False,
+    anti-aliasing exactly when either side shrinks: ``scipy.ndimage.gaussian_filter`` with sigma
+    ``max(0, (in/out − 1) / 2)`` per axis (0 along channels), then ``scipy.ndimage.zoom(order=1, grid_mode=True)``
+    (half-pixel centres), then clipping to [min, max] of the unfiltered input. Input uint8 (→ ``img_as_float``:
+    float64 ``x · (1/255)``) or float (float32 stays float32, float64 stays float64); [H, W] or [H, W, C]. The
+    Gaussian blur spreads every foreground pixel, so a shrunk mask thresholded at > 0 grows (up to about
+    4·sigma + 1 input pixels). scikit-image's resize code for these inputs is the same from 0.19.3 to the installed
+    version; the numbers come from the installed SciPy's ``ndimage``, not 0.19.3's SciPy 1.7.3.
+    """
+    from skimage.transform import resize
+
+    im = np.asarray(im)
+    if im.dtype == np.bool_:
+        raise ValueError("resize_skimage019: bool input (0.19.3 resized bool with order 0); pass 0/1 as float")
+    shrinking = out_h < im.shape[0] or out_w < im.shape[1]
+    return resize(im, (out_h, out_w), order=1, mode="reflect", cval=0, clip=True, preserve_range=False,
+                  anti_aliasing=shrinking, anti_aliasing_sigma=None)
+
+
+def resize_and_pad_skimage019(im, h, w):
+    """ReSTR's ``resize_and_pad`` (its ``utils/im_processing.py``): the geometry of ``resize_and_pad`` (fit inside
+    h×w, ``np.round`` sizes, floor-half offsets, zero padding = black) around ``resize_skimage019``. The output has
+    the resized array's dtype: float64 for uint8 images, float32 for float32 masks."""
+    im_h, im_w = im.shape[:2]
+    scale = min(h / im_h, w / im_w)
+    rh = int(np.round(im_h * scale))
+    rw = int(np.round(im_w * scale))
+    pad_h = int(np.floor(h - rh) / 2)
+    pad_w = int(np.floor(w - rw) / 2)
+    resized = resize_skimage019(im, rh, rw)
+    out = np.zeros((h, w) + im.shape[2:], dtype=resized.dtype)
+    out[pad_h:pad_h + rh, pad_w:pad_w + rw, ...] = resized
+    return out
+
+
+RESIZE_AND_PAD = {"skimage013": resize_and_pad, "skimage019": resize_and_pad_skimage019}
 
 
 def img_as_ubyte(im):

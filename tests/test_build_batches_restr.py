@@ -1,0 +1,168 @@
+"""ReSTR's data format: ``build_batches.py --family restr`` (scikit-image 0.19.3 resize, ``im_name_batch``) and the
+explicit ``--resize`` choice, checked against the installed scikit-image and a SciPy reconstruction of 0.19.3's code."""
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import skimage
+import skimage.transform
+
+import build_batches
+from util import image as im_proc
+from util.refer import Refer, ann_to_mask, coco_image_name, load_referit_gt_mask
+from util.sample_data import make_sample
+
+SIZE = 40  # small enough that every sample image shrinks (anti-aliasing on) and the suite stays fast
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory):
+    return make_sample(str(tmp_path_factory.mktemp("sample_restr")))
+
+
+def _argv(root, out, d, t, *extra):
+    return ["-d", d, "-t", t, "--data-root", root, "--output-dir", str(out)] + list(extra)
+
+
+def _resize_0193(im, out_h, out_w):
+    """scikit-image 0.19.3 ``resize(im, (out_h, out_w))`` with its defaults, spelled out with SciPy: img_as_float,
+    gaussian_filter(sigma = max(0, (in/out − 1)/2), mode 'mirror') when shrinking, zoom(order 1, grid_mode, 'mirror'),
+    clip to the unfiltered input's [min, max]."""
+    img = skimage.img_as_float(im)
+    out_shape = (out_h, out_w) + img.shape[2:]
+    factors = np.divide(img.shape, out_shape)
+    filtered = img
+    if any(o < i for o, i in zip(out_shape, img.shape)):
+        filtered = ndi.gaussian_filter(img, np.maximum(0, (factors - 1) / 2), cval=0, mode="mirror")
+    out = ndi.zoom(filtered, [1 / f for f in factors], order=1, mode="mirror", cval=0, grid_mode=True)
+    return np.clip(out, img.min(), img.max())
+
+
+def _random_inputs():
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (41, 29), dtype=np.uint8)
+    mask = np.zeros((37, 53), np.float32)
+    mask[10:20, 5:30] = 1
+    return rgb, gray, mask
+
+
+@pytest.mark.parametrize("out_hw", [(20, 29), (37, 53), (60, 90), (15, 70)])
+def test_resize_skimage019_matches_installed_and_0193_code(out_hw):
+    for im in _random_inputs():
+        ours = im_proc.resize_skimage019(im, *out_hw)
+        assert ours.shape == out_hw + im.shape[2:]
+        assert ours.dtype == (np.float32 if im.dtype == np.float32 else np.float64)
+        np.testing.assert_array_equal(ours, skimage.transform.resize(im, out_hw))
+        np.testing.assert_array_equal(ours, _resize_0193(im, *out_hw))
+
+
+def test_resize_skimage019_refuses_bool():
+    with pytest.raises(ValueError, match="bool"):
+        im_proc.resize_skimage019(np.zeros((8, 8), bool), 4, 4)
+
+
+def test_resize_and_pad_skimage019_geometry_and_dilation():
+    rgb, gray, mask = _random_inputs()
+    out = im_proc.resize_and_pad_skimage019(rgb, 30, 30)
+    rh, rw = int(np.round(37 * 30 / 53)), 30
+    top = int(np.floor(30 - rh) / 2)
+    assert out.dtype == np.float64 and out.shape == (30, 30, 3)
+    assert not out[:top].any() and not out[top + rh:].any()  # black padding
+    np.testing.assert_array_equal(out[top:top + rh], im_proc.resize_skimage019(rgb, rh, rw))
+    # img_as_ubyte is the same in 0.13 and 0.19.3 (×255, rint, clip): ours equals the installed one.
+    np.testing.assert_array_equal(im_proc.img_as_ubyte(out), skimage.img_as_ubyte(out))
+    assert im_proc.resize_and_pad_skimage019(gray, 30, 30).shape == (30, 30)
+    new, old = im_proc.resize_and_pad_skimage019(mask, 30, 30), im_proc.resize_and_pad(mask, 30, 30)
+    assert new.dtype == np.float32 and old.dtype == np.float64
+    assert ((old > 0) & ~(new > 0)).sum() == 0 and (new > 0).sum() > (old > 0).sum()  # 0.19 grows shrunk masks
+    assert im_proc.RESIZE_AND_PAD["skimage013"] is im_proc.resize_and_pad
+
+
+def _npz(folder):
+    names = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[1][:-4]))
+    out = []
+    for n in names:
+        with np.load(folder / n) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def test_family_restr_coco_and_referit(sample_root, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="build_batches"):
+        assert build_batches.main(_argv(sample_root, tmp_path, "unc", "train", "--family", "restr",
+                                        "--img-size", str(SIZE))) == 0
+    assert "with --resize skimage019, with im_name_batch" in caplog.text
+    samples = _npz(tmp_path / "unc/train_batch")
+    refer = Refer(os.path.join(sample_root, "external/refer/data"), "refcoco", "unc")
+    expected = [(rid, s) for rid in refer.ref_ids("train") for s in refer.refs[rid]["sentences"]]
+    assert len(samples) == len(expected)
+    for z, (rid, sentence) in zip(samples[:6], expected[:6]):
+        ref = refer.refs[rid]
+        assert sorted(z) == ["im_batch", "im_name_batch", "mask_batch", "sent_batch", "text_batch"]
+        assert z["im_name_batch"].shape == () and z["im_name_batch"].dtype.kind == "U"
+        assert str(z["im_name_batch"]) == f"COCO_train2014_{ref['image_id']:012d}"
+        assert str(z["sent_batch"][0]) == sentence["sent"]
+        im = im_proc.read_image(os.path.join(sample_root, "data/coco/images/train2014",
+                                             coco_image_name(ref["image_id"])))[0]
+        mask = ann_to_mask(refer.anns[ref["ann_id"]]["segmentation"], *im.shape[:2])
+        assert max(im.shape[:2]) > SIZE
+        want_im = im_proc.img_as_ubyte(im_proc.resize_and_pad_skimage019(im, SIZE, SIZE))
+        np.testing.assert_array_equal(z["im_batch"], want_im if want_im.ndim == 3 else np.dstack([want_im] * 3))
+        np.testing.assert_array_equal(z["mask_batch"], im_proc.resize_and_pad_skimage019(mask, SIZE, SIZE) > 0)
+    assert build_batches.main(_argv(sample_root, tmp_path, "referit", "test", "--family", "restr")) == 0
+    queries = json.load(open(os.path.join(sample_root, "data", "referit_query_test.json")))
+    key = sorted(queries)[0]
+    z = _npz(tmp_path / "referit/test_batch")[0]
+    assert str(z["im_name_batch"]) == key.split("_", 1)[0] + ".jpg"
+    mask = load_referit_gt_mask(os.path.join(sample_root, "data/referit/mask", key + ".mat"))
+    np.testing.assert_array_equal(z["mask_batch"], mask > 0)  # evaluation splits keep the original size
+
+
+def test_resize_flag_is_the_only_pixel_difference(sample_root, tmp_path):
+    common = ("-d", "referit", "-t", "trainval", "--data-root", sample_root, "--img-size", str(SIZE))
+    runs = {"tf1": [], "restr013": ["--family", "restr", "--resize", "skimage013"],
+            "tf1_019": ["--resize", "skimage019"], "restr": ["--family", "restr"]}
+    out = {}
+    for name, extra in runs.items():
+        assert build_batches.main(list(common) + ["--output-dir", str(tmp_path / name)] + extra) == 0
+        out[name] = _npz(tmp_path / name / "referit/trainval_batch")
+    assert "im_name_batch" not in out["tf1"][0] and "im_name_batch" not in out["tf1_019"][0]
+    differs = 0
+    for a, b, c, d in zip(out["tf1"], out["restr013"], out["tf1_019"], out["restr"]):
+        for key in ("im_batch", "mask_batch", "text_batch", "sent_batch"):
+            np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(c[key], d[key])
+        differs += not np.array_equal(a["mask_batch"], c["mask_batch"])
+        assert not (a["mask_batch"] & ~c["mask_batch"]).any()  # 0.19 masks contain every 0.13 pixel
+    assert differs > 0
+
+
+def test_rerun_verifies_im_name_and_reader_ignores_it(sample_root, tmp_path, caplog):
+    argv = _argv(sample_root, tmp_path, "referit", "trainval", "--family", "restr", "--img-size", str(SIZE))
+    assert build_batches.main(argv) == 0
+    folder = tmp_path / "referit/trainval_batch"
+    n = len(os.listdir(folder))
+    first = folder / "referit_trainval_0.npz"
+    good = _npz(folder)[0]
+    build_batches.save_npz_atomic(str(first), **dict(good, im_name_batch=np.array("other.jpg")))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="build_batches"):
+        assert build_batches.main(argv) == 0
+    assert f"1 samples written, {n - 1} already present" in caplog.text and "another im_name_batch" in caplog.text
+    assert str(_npz(folder)[0]["im_name_batch"]) == str(good["im_name_batch"])
+    from util.data import load_sample
+
+    sample = load_sample(str(first))
+    assert sorted(sample) == ["im_batch", "mask_batch", "sent_batch", "text_batch"]
+    assert sample["im_batch"].shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("extra", [["--family", "pytorch"], ["--resize", "skimage020"]])
+def test_bad_choice_is_a_usage_error(sample_root, tmp_path, extra, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_batches.main(_argv(sample_root, tmp_path, "unc", "train", *extra))
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
