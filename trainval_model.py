@@ -143,7 +143,8 @@ def folder_problem(path, flag):
 
 
 def output_file_problem(path, flag):
-    """Why the file ``path`` cannot be written (None if it can): not a folder, and its folder usable (``folder_problem``)."""
+    """Why the file ``path`` cannot be written (None if it can): not a folder, and its folder usable
+    (``folder_problem``)."""
     if os.path.isdir(path):
         return f"{flag} {path} is a folder, expected a file name"
     return folder_problem(os.path.dirname(os.path.abspath(path)), f"{flag} {path}: its folder")

@@ -43,21 +43,27 @@ def write_sample(path, size=SIZE, steps=20, mask_shape=None, seed=0):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A batch root with 4 unc training samples at 32×32 and a snapshot folder ``ckpt`` holding a good LSTM
-    snapshot ``unc_deeplab_LSTM_iter_1`` (model + optimizer at step 1, as training writes them), its TF1-named copy
-    ``tf1/...tfmodel`` and a converted backbone ``backbone``."""
+    """A batch root with 4 unc training samples at 32×32."""
     base = tmp_path_factory.mktemp("hardening")
     (base / "unc" / "train_batch").mkdir(parents=True)
     for i in range(4):
         write_sample(base / "unc" / "train_batch" / f"unc_train_{i}.npz", seed=i)
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    """``root`` plus a snapshot folder ``ckpt`` holding a good LSTM snapshot ``unc_deeplab_LSTM_iter_1`` (model and
+    optimizer at step 1, as training writes them), its TF1-named copy ``tf1/…tfmodel`` and a converted backbone
+    ``backbone``."""
     model = build_model("LSTM_model", image_size=SIZE)
     optimizer = TF1Adam(model.train_variables(), 2.5e-4, model.head.LR_DECAY_STEPS, model.head.STEP_NAME)
     optimizer.step.assign(1.0)
-    write_checkpoint_atomic(tf.train.Checkpoint(model=model, optimizer=optimizer), str(base / "ckpt" / f"{NAME}_1"))
-    (base / "tf1").mkdir()
-    save_tf1_checkpoint({n: v.numpy() for n, v in model.tf1_variables().items()}, base / "tf1" / f"{NAME}_1.tfmodel")
-    save_backbone_checkpoint(model.backbone, base / "backbone")
-    return base
+    write_checkpoint_atomic(tf.train.Checkpoint(model=model, optimizer=optimizer), str(root / "ckpt" / f"{NAME}_1"))
+    (root / "tf1").mkdir()
+    save_tf1_checkpoint({n: v.numpy() for n, v in model.tf1_variables().items()}, root / "tf1" / f"{NAME}_1.tfmodel")
+    save_backbone_checkpoint(model.backbone, root / "backbone")
+    return root
 
 
 def cli(main, argv, capfd, caplog):
@@ -159,12 +165,14 @@ def test_export_refuses_folders_that_are_not_its_own(root, tmp_path, capfd, capl
     (foreign / "holiday.jpg").write_bytes(b"precious")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("notes")
-    snapshot_files = sorted(os.listdir(root / "ckpt"))
+    snapshots = tmp_path / "models" / "ckpt"
+    snapshots.mkdir(parents=True)
+    (snapshots / f"{NAME}_1.index").write_bytes(b"weeks of training")
     cases = [
-        (export_argv(root, foreign), "is a non-empty folder that is not a SavedModel of ours"),
-        (export_argv(root, root / "ckpt"), f"is or contains the snapshot folder {root / 'ckpt'}"),
-        (export_argv(root, root), "is or contains the snapshot folder"),
-        (export_argv(root, a_file), "exists and is not a folder"),
+        (export_argv(root, foreign, snapshots), "is a non-empty folder that is not a SavedModel of ours"),
+        (export_argv(root, snapshots, snapshots), f"is or contains the snapshot folder {snapshots}"),
+        (export_argv(root, snapshots.parent, snapshots), "is or contains the snapshot folder"),
+        (export_argv(root, a_file, snapshots), "exists and is not a folder"),
     ]
     for argv, expected in cases:
         rc, text = cli(trainval_model.main, argv, capfd, caplog)
@@ -173,7 +181,7 @@ def test_export_refuses_folders_that_are_not_its_own(root, tmp_path, capfd, capl
     rc, text = cli(trainval_model.main, export_argv(root, "."), capfd, caplog)
     assert rc == 2 and "--export-dir . is or contains the current folder; refusing to replace it" in text
     assert (foreign / "holiday.jpg").read_bytes() == b"precious" and a_file.read_text() == "notes"
-    assert sorted(os.listdir(root / "ckpt")) == snapshot_files
+    assert os.listdir(snapshots) == [f"{NAME}_1.index"] and os.listdir(snapshots.parent) == ["ckpt"]
 
 
 def test_export_replaces_its_own_savedmodel_and_a_failed_write_keeps_it(tmp_path, monkeypatch):
@@ -268,11 +276,11 @@ def test_a_failed_snapshot_write_leaves_no_temporaries(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["unc_iter_1.data-00000-of-00001", "unc_iter_1.index"]
 
 
-def test_training_resumes_from_the_newest_good_snapshot_and_ctrl_c_is_one_line(root, tmp_path):
+def test_training_resumes_from_the_newest_good_snapshot_and_ctrl_c_is_one_line(trained, tmp_path):
     """A real SIGINT once training has resumed: the truncated (3) and non-finite (2) snapshots are skipped with a
     reason, training resumes from 1, and Ctrl-C prints one line naming snapshot 1 and exits 130; 2 and 3 stay."""
     folder = tmp_path / "ckpt"
-    shutil.copytree(root / "ckpt", folder)
+    shutil.copytree(trained / "ckpt", folder)
     for suffix in (".index", ".data-00000-of-00001"):
         shutil.copy(folder / f"{NAME}_1{suffix}", folder / f"{NAME}_3{suffix}")
     with open(folder / f"{NAME}_3.data-00000-of-00001", "r+b") as f:
@@ -282,7 +290,7 @@ def test_training_resumes_from_the_newest_good_snapshot_and_ctrl_c_is_one_line(r
     poisoned = sorted(n for n in tensors if n.startswith("model/backbone/"))[0]
     tensors[poisoned] = np.full_like(tensors[poisoned], np.nan)
     save_tf1_checkpoint(tensors, folder / f"{NAME}_2")
-    proc = subprocess.Popen([sys.executable, str(REPO / "trainval_model.py"), *train_args(root, "-i", "9", "-s", "1",
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainval_model.py"), *train_args(trained, "-i", "9", "-s", "1",
                                                                                          folder=folder)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -306,13 +314,13 @@ def test_training_resumes_from_the_newest_good_snapshot_and_ctrl_c_is_one_line(r
 # Worst item 3: test mode never replaces a result with a zero-sample one; JSON writes are atomic
 
 
-def test_test_mode_with_no_readable_sample_keeps_the_existing_json(root, tmp_path, capfd, caplog):
+def test_test_mode_with_no_readable_sample_keeps_the_existing_json(trained, tmp_path, capfd, caplog):
     val = tmp_path / "unc" / "val_batch"
     val.mkdir(parents=True)
     (val / "unc_val_0.npz").write_bytes(b"PK\x03\x04 truncated")
     (val / "unc_val_1.npz").write_text("not a zip")
     folder = tmp_path / "ckpt"
-    shutil.copytree(root / "ckpt", folder)
+    shutil.copytree(trained / "ckpt", folder)
     json_path = folder / f"{NAME}_1.unc_val.json"
     json_path.write_text('{"without_dcrf": {"samples": 5000}}')
     rc, text = cli(trainval_model.main, ["-m", "test", "-t", "val", "-d", "unc", "-n", "LSTM_model", "-f", str(folder),
@@ -390,7 +398,8 @@ def test_os_errors_and_ctrl_c_in_trainval_are_one_line(root, tmp_path, capfd, ca
     test_argv = ["-m", "test", "-t", "val", "-d", "unc", "-n", "LSTM_model", "-f", str(root / "ckpt"), "-i", "1"]
     cases = [
         (util.evaluate, "test", test_argv,
-         OSError(errno.EROFS, "Read-only file system", "/mnt/ro/m.json"), 1, "error: /mnt/ro/m.json: Read-only file system"),
+         OSError(errno.EROFS, "Read-only file system", "/mnt/ro/m.json"), 1,
+         "error: /mnt/ro/m.json: Read-only file system"),
         (util.evaluate, "test", test_argv,
          IsADirectoryError(errno.EISDIR, "Is a directory", "/x/vis/000000_im.png"), 1,
          "error: /x/vis/000000_im.png: Is a directory"),
@@ -411,7 +420,7 @@ def test_os_errors_and_ctrl_c_in_trainval_are_one_line(root, tmp_path, capfd, ca
         assert text.count(expected) == 1 and "more" not in text
 
 
-def test_converter_os_errors_are_one_line(root, tmp_path, capfd, caplog):
+def test_converter_os_errors_are_one_line(trained, tmp_path, capfd, caplog):
     vocab, glove = tmp_path / "vocab.txt", tmp_path / "glove.txt"
     vocab.write_text("<pad>\n<go>\n<eos>\n<unk>\nman\n")
     glove.write_text("man 0.1 0.2\n")
@@ -421,9 +430,9 @@ def test_converter_os_errors_are_one_line(root, tmp_path, capfd, caplog):
         (glove_to_npy.main, [str(glove), str(vocab), str(out_dir)], 1, "Is a directory"),
         (glove_to_npy.main, [str(glove), str(tmp_path), str(tmp_path / "e.npy")], 1, f"{tmp_path}: Is a directory"),
         (glove_to_npy.main, [str(glove), str(vocab), "/sys/e.npy"], 1, "/sys/e.npy.tmp: Permission denied"),
-        (convert_snapshot.main, [str(root / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/out", "-n", "LSTM_model"], 1,
+        (convert_snapshot.main, [str(trained / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/out", "-n", "LSTM_model"], 1,
          "error: /sys/refseg: Operation not permitted"),
-        (convert_backbone.main, [str(root / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/bb"], 1,
+        (convert_backbone.main, [str(trained / "tf1" / f"{NAME}_1.tfmodel"), "/sys/refseg/bb"], 1,
          "convert_backbone: error: /sys/refseg: Operation not permitted"),
     ]
     for main, argv, status, expected in cases:
@@ -443,11 +452,11 @@ def test_converter_os_errors_are_one_line(root, tmp_path, capfd, caplog):
     ("convert_backbone.py", ["backbone", "converted"],
      "backbone is already a TF2 snapshot of ours (a converted backbone): nothing to convert"),
 ])
-def test_converters_refuse_our_own_tf2_files_quietly(root, script, argv, expected):
+def test_converters_refuse_our_own_tf2_files_quietly(trained, script, argv, expected):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    proc = subprocess.run([sys.executable, str(REPO / "external" / script), *[str(root / a) for a in argv[:2]],
+    proc = subprocess.run([sys.executable, str(REPO / "external" / script), *[str(trained / a) for a in argv[:2]],
                            *argv[2:]], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and expected in text and "Traceback" not in text
     assert not any(marker in text for marker in TF_INFO_LINES), text
-    assert len(text.strip().splitlines()) == 1 and not (root / "converted.index").exists()
+    assert len(text.strip().splitlines()) == 1 and not (trained / "converted.index").exists()
