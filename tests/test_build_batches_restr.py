@@ -1,5 +1,7 @@
 """ReSTR's data format: ``build_batches.py --family restr`` (scikit-image 0.19.3 resize, ``im_name_batch``) and the
-explicit ``--resize`` choice, checked against the installed scikit-image and a SciPy reconstruction of 0.19.3's code."""
+explicit ``--resize`` choice, checked against the installed scikit-image, a SciPy reconstruction of 0.19.3's code and
+digests of ReSTR's own ``resize_and_pad`` run in its pinned environment."""
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +60,40 @@ def test_resize_skimage019_matches_installed_and_0193_code(out_hw):
         assert ours.dtype == (np.float32 if im.dtype == np.float32 else np.float64)
         np.testing.assert_array_equal(ours, skimage.transform.resize(im, out_hw))
         np.testing.assert_array_equal(ours, _resize_0193(im, *out_hw))
+
+
+# sha256[:16] of (dtype, shape, bytes) of ReSTR's own ``utils/im_processing.resize_and_pad`` output, and of
+# ``img_as_ubyte`` of it (images) or ``> 0`` of it (masks), computed in ReSTR's pinned environment (Python 3.7.16,
+# scikit-image 0.19.3, SciPy 1.7.3, NumPy 1.21.5) on the inputs of ``_hash_inputs``.
+RESTR_ENV_DIGESTS = {
+    ("rgb", 24): ("d825df7c4f88139e", "e7ff57fdc315fc3d"), ("rgb", 40): ("eef0b01f209286aa", "28c67699567ac561"),
+    ("rgb", 96): ("de8127329144cb07", "c8665ae15b1d98f7"), ("gray", 24): ("abdc46a325e8950b", "9e36288fb2a44532"),
+    ("gray", 40): ("42d2780edc6769f1", "4095641230b2a839"), ("gray", 96): ("1616b39aaf78ab8c", "70030edc739bc911"),
+    ("mask", 24): ("ade01ccf3a72bb28", "6595f0da3f31d6eb"), ("mask", 40): ("c4766b9bb6f1578a", "6ffa5d7fbb7c4e89"),
+    ("mask", 96): ("6578dfba871ff49d", "26034df2050eacca"),
+}
+
+
+def _hash_inputs():
+    i, j, c = np.meshgrid(np.arange(37), np.arange(53), np.arange(3), indexing="ij")
+    rgb = ((i * 37 + j * 11 + c * 101 + (i * j) % 7 * 29) % 256).astype(np.uint8)
+    gi, gj = np.meshgrid(np.arange(41), np.arange(29), indexing="ij")
+    gray = ((gi * gi * 3 + gj * 17) % 256).astype(np.uint8)
+    mask = (((i[..., 0] - 18) / 9.0) ** 2 + ((j[..., 0] - 25) / 16.0) ** 2 < 1).astype(np.float32)
+    return {"rgb": rgb, "gray": gray, "mask": mask}
+
+
+def _digest(a):
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def test_resize_and_pad_skimage019_bit_identical_to_restr_environment():
+    inputs = _hash_inputs()
+    for (name, size), (want, want_final) in RESTR_ENV_DIGESTS.items():
+        out = im_proc.resize_and_pad_skimage019(inputs[name], size, size)
+        final = im_proc.img_as_ubyte(out) if name != "mask" else out > 0
+        assert (_digest(out), _digest(final)) == (want, want_final), (name, size)
+    assert _digest(im_proc.resize_and_pad(inputs["rgb"], 24, 24)) != RESTR_ENV_DIGESTS[("rgb", 24)][0]
 
 
 def test_resize_skimage019_refuses_bool():
