@@ -21,7 +21,9 @@ resized as float32 and thresholded ``> 0``, so the 0.19 blur grows shrunk masks 
 Input normalisation ((x − 127.5) / 127.5 for ReSTR, BGR − mean for the TF1 models) is the model's, not the files'.
 
 Numbering and order: refs in ascending ref_id (the Python 2 dict order the original iterated, spec §7.19),
-sentences in list order; ReferIt region keys in sorted order (the original used py2 string-hash order). ``n`` runs
+sentences in list order; ReferIt region keys in sorted order (the original used py2 string-hash order). With
+``--family restr`` the annotation files' own order instead (ReSTR ran on Python 3.7, whose dicts keep insertion
+order): refs in the order of the refs pickle, ReferIt keys in the order of the query JSON. ``n`` runs
 over the valid samples of that order and is fixed before any image is read, so ``-j N`` writes byte-identical files
 to ``-j 1``. Sentences without any token are skipped (the original crashed) and take no number. A missing or
 unreadable image (or mask) skips its samples and leaves their numbers unused: the summary then warns, because the
@@ -70,8 +72,8 @@ T = 20
 COCO_SOURCES = {"unc": "refcoco", "unc+": "refcoco+", "Gref": "refcocog"}
 DEFAULT_SPLIT_BY = {"unc": "unc", "unc+": "unc", "Gref": "google"}
 REFERIT_SPLITS = ("trainval", "test", "train", "val", "all")
-FAMILIES = {"tf1": {"img_size": 320, "resize": "skimage013", "im_name": False},
-            "restr": {"img_size": 480, "resize": "skimage019", "im_name": True}}
+FAMILIES = {"tf1": {"img_size": 320, "resize": "skimage013", "im_name": False, "file_order": False},
+            "restr": {"img_size": 480, "resize": "skimage019", "im_name": True, "file_order": True}}
 DATASETS = ("unc", "unc+", "Gref", "referit")
 
 
@@ -268,13 +270,18 @@ def _report_problems(problems, skipped, reason, n_left_out):
 
 
 def plan_coco(args, out_folder, prefix, vocab, skipped):
-    """Work units of a COCO dataset split: one per ref in ascending ref_id, numbered over its valid sentences.
+    """Work units of a COCO dataset split: one per ref in ascending ref_id (``--family restr``: refs-file order),
+    numbered over its valid sentences.
     Annotation entries that ``Refer`` left out are warned and counted ('bad annotation entry'); the sentences of a
     ref whose annotation is absent or unusable are counted and take no number (no gap)."""
     refer = Refer(args.refer_root, COCO_SOURCES[args.d], args.split_by)
     _report_problems(refer.problems, skipped, "bad annotation entry", len(refer.problems))
     units, n = [], 0
-    for ref_id in refer.ref_ids(args.t):
+    if FAMILIES[args.family]["file_order"]:
+        ref_ids = [ref_id for ref_id, ref in refer.refs.items() if ref["split"] == args.t]
+    else:
+        ref_ids = refer.ref_ids(args.t)
+    for ref_id in ref_ids:
         ref = refer.refs[ref_id]
         ann = refer.anns.get(ref["ann_id"])
         tokenized = []
@@ -300,14 +307,15 @@ def plan_coco(args, out_folder, prefix, vocab, skipped):
 
 
 def plan_referit(args, out_folder, prefix, vocab, skipped):
-    """Work units of a ReferIt split: one per region key in sorted order, numbered over its valid queries (a key
-    holding a single string is one query; other malformed values are warned and counted, ``load_referit_queries``)."""
+    """Work units of a ReferIt split: one per region key in sorted order (``--family restr``: the JSON's order),
+    numbered over its valid queries (a key holding a single string is one query; other malformed values are warned
+    and counted, ``load_referit_queries``)."""
     query_dict, problems, n_bad = load_referit_queries(
         os.path.join(args.data_root, "data", f"referit_query_{args.t}.json"))
     _report_problems(problems, skipped, "bad query entry", n_bad)
     mask_dir = os.path.join(args.data_root, "data", "referit", "mask")
     units, n = [], 0
-    for key in sorted(query_dict):
+    for key in (list if FAMILIES[args.family]["file_order"] else sorted)(query_dict):
         samples = []
         for sent in query_dict[key]:
             ids = _tokenize_or_skip(sent, vocab, f"region {key}", skipped)

@@ -127,14 +127,39 @@ def _npz(folder):
     return out
 
 
-def test_family_restr_coco_and_referit(sample_root, tmp_path, caplog):
+# ReSTR's own build_batches.py (SouthFlame/restr 371f102) run on ``make_sample`` in its pinned environment (Python
+# 3.7.16, scikit-image 0.19.3, SciPy 1.7.3, NumPy 1.21.5, Pillow 9.2.0, imageio 2.22.1, pycocotools), ``--img-size 40``
+# for the training splits: (number of files, ``_split_digest``). A change here means the sample dataset changed or we no
+# longer write what ReSTR writes.
+RESTR_SAMPLE_DIGESTS = {("unc", "train"): (80, "d80233c999f197fb"), ("referit", "trainval"): (36, "53148cf35d5889fb"),
+                        ("unc", "val"): (32, "43a5566d5972edea"), ("referit", "test"): (15, "b2be00eb9421d739")}
+
+
+def _split_digest(folder):
+    """sha256[:16] over the files in sample order: name, then per key (sorted) key, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    names = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[1][:-4]))
+    for n in names:
+        h.update(n.encode())
+        with np.load(os.path.join(folder, n)) as z:
+            for k in sorted(z.files):
+                a = z[k]
+                h.update(f"{k}{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+    return len(names), h.hexdigest()[:16]
+
+
+def test_family_restr_writes_what_restr_writes(sample_root, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="build_batches"):
-        assert build_batches.main(_argv(sample_root, tmp_path, "unc", "train", "--family", "restr",
-                                        "--img-size", str(SIZE))) == 0
+        for (d, t), want in RESTR_SAMPLE_DIGESTS.items():
+            assert build_batches.main(_argv(sample_root, tmp_path, d, t, "--family", "restr",
+                                            "--img-size", str(SIZE))) == 0
+            assert _split_digest(tmp_path / d / f"{t}_batch") == want, (d, t)
     assert "with --resize skimage019, with im_name_batch" in caplog.text
-    samples = _npz(tmp_path / "unc/train_batch")
     refer = Refer(os.path.join(sample_root, "external/refer/data"), "refcoco", "unc")
-    expected = [(rid, s) for rid in refer.ref_ids("train") for s in refer.refs[rid]["sentences"]]
+    file_order = [rid for rid, ref in refer.refs.items() if ref["split"] == "train"]
+    assert file_order != refer.ref_ids("train")  # the sample's refs are not sorted: ReSTR's order is the file's
+    expected = [(rid, s) for rid in file_order for s in refer.refs[rid]["sentences"]]
+    samples = _npz(tmp_path / "unc/train_batch")
     assert len(samples) == len(expected)
     for z, (rid, sentence) in zip(samples[:6], expected[:6]):
         ref = refer.refs[rid]
@@ -149,9 +174,8 @@ def test_family_restr_coco_and_referit(sample_root, tmp_path, caplog):
         want_im = im_proc.img_as_ubyte(im_proc.resize_and_pad_skimage019(im, SIZE, SIZE))
         np.testing.assert_array_equal(z["im_batch"], want_im if want_im.ndim == 3 else np.dstack([want_im] * 3))
         np.testing.assert_array_equal(z["mask_batch"], im_proc.resize_and_pad_skimage019(mask, SIZE, SIZE) > 0)
-    assert build_batches.main(_argv(sample_root, tmp_path, "referit", "test", "--family", "restr")) == 0
     queries = json.load(open(os.path.join(sample_root, "data", "referit_query_test.json")))
-    key = sorted(queries)[0]
+    key = next(iter(queries))
     z = _npz(tmp_path / "referit/test_batch")[0]
     assert str(z["im_name_batch"]) == key.split("_", 1)[0] + ".jpg"
     mask = load_referit_gt_mask(os.path.join(sample_root, "data/referit/mask", key + ".mat"))
