@@ -63,7 +63,8 @@ def parse_args(argv):
                    help="dataset the snapshot was trained on (picks the vocabulary)")
     p.add_argument("-w", default="deeplab", choices=("deeplab", "resnet"), help="RMI/LSTM backbone variant")
     p.add_argument("-emb", action="store_true", help="CMPC: the snapshot was trained with -emb")
-    p.add_argument("--img-size", type=int, default=320, help="network input size of the snapshot (320)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="network input size of the snapshot (the model's default: 320; ReSTR 480)")
     p.add_argument("--data-dir", default="data", help="folder of the vocabularies (and CMPC's GloVe matrix)")
     p.add_argument("--vocab-file", default=None, help="vocabulary (default <data-dir>/vocabulary_Gref.txt, "
                                                       "referit: vocabulary_referit.txt)")
@@ -97,13 +98,10 @@ def read_image(path, max_side):
 
 
 def mask_from_snapshot(args, image):
-    """Bool [H, W]: the test loop's prediction (``--crf``: DenseCRF's) of snapshot ``-i`` of ``-f``."""
-    import tensorflow as tf
-
-    from models import build_model, canonical_name
+    """Bool [H, W]: the test loop's prediction (``--crf``: DenseCRF's) of snapshot ``-i`` of ``-f``, through the
+    model's registry entry (``predictor``)."""
+    from models import canonical_name
     from util.config import RunConfig
-    from util.evaluate import predict_masks, prepare
-    from util.snapshots import find_snapshot, restore_model
     from util.text import load_vocab_dict_from_file, preprocess_sentence
 
     if args.i is None:
@@ -114,15 +112,13 @@ def mask_from_snapshot(args, image):
     if not os.path.isfile(cfg.vocab_file):
         raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
     words = preprocess_sentence(args.text, load_vocab_dict_from_file(cfg.vocab_file))
-    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
-    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
-                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
-    restore_model(model, prefix)
+    if args.crf and not cfg.spec.supports_crf:
+        raise ValueError(f"--crf is not available for -n {cfg.model} (its original evaluation has none)")
+    prefix = cfg.spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    model = cfg.spec.load_trained(prefix, cfg)
     log.info("restored %s from %s", cfg.model, prefix)
-    words, net_input, proc_im = prepare({"im_batch": image, "text_batch": np.asarray(words)}, cfg.image_size)
-    outputs = model(tf.constant(net_input[None]), tf.constant(words[None]))
-    plain, refined = predict_masks(outputs["up"].numpy()[0, :, :, 0], outputs["sigm"].numpy()[0, :, :, 0],
-                                   proc_im, image.shape[:2], args.crf)
+    sample = {"im_batch": image, "text_batch": np.asarray(words), "mask_batch": np.zeros(image.shape[:2], bool)}
+    [(plain, refined)] = cfg.spec.predictor(model, cfg.image_size, args.crf)([sample])
     return (refined if args.crf else plain) != 0
 
 
@@ -171,7 +167,7 @@ def run(args):
     outputs only when both are complete, and removed on any error."""
     if not args.text.strip():
         raise ValueError("empty sentence: --text has no words")
-    image = read_image(args.img, max(args.max_side, args.img_size))
+    image = read_image(args.img, max(args.max_side, args.img_size or 0))
     prefix = args.out or os.path.splitext(os.path.basename(args.img))[0]
     folder = os.path.dirname(prefix) or "."
     os.makedirs(folder, exist_ok=True)

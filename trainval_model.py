@@ -72,26 +72,29 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-g", type=str, default="0", help="GPU id (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("-i", type=nonnegative_int, default=None,
-                   help="train: max iterations; test: snapshot iteration (default per model: 800000 CMPC/RRN, 750000 RMI/LSTM)")
-    p.add_argument("-s", type=positive_int, default=None, help="snapshot interval (default 100000 CMPC/RRN, 50000 RMI/LSTM)")
+                   help="train: max iterations; test: snapshot iteration (default per model: 800000 CMPC/RRN, 750000 RMI/LSTM, "
+                        "400000 ReSTR)")
+    p.add_argument("-s", type=positive_int, default=None, help="snapshot interval (default 100000 CMPC/RRN, 50000 RMI/LSTM, 5000 ReSTR)")
     p.add_argument("-st", type=positive_int, default=None, help="stop training at this iteration (default 700000 CMPC, else -i)")
     p.add_argument("-m", type=str, required=True, choices=MODES, help="mode")
     p.add_argument("-d", type=str, default="referit", choices=DATASETS, help="dataset")
     p.add_argument("-t", type=str, default=None, choices=SPLITS, help="split (train, test)")
     p.add_argument("-f", type=str, default=None, help="snapshot folder (RMI/LSTM default ./<dataset>/tfmodel)")
-    p.add_argument("-lr", type=learning_rate, default=0.00025, help="start learning rate")
-    p.add_argument("-bs", type=positive_int, default=1, help="batch size")
+    p.add_argument("-lr", type=learning_rate, default=None, help="start learning rate (default 0.00025; ReSTR 1e-5)")
+    p.add_argument("-bs", type=positive_int, default=None, help="batch size (default 1; ReSTR 8)")
     p.add_argument("-v", action="store_true", help="test: save image / ground truth / prediction PNGs")
     p.add_argument("-c", action="store_true", help="test: also evaluate with DenseCRF")
     p.add_argument("-emb", action="store_true", help="CMPC: use the dataset's GloVe file (referit_emb.npy for referit)")
     p.add_argument("-n", type=str, required=True, choices=MODEL_NAMES, help="model")
     p.add_argument("-conv5", action="store_true", help="train: also fine-tune the res3-res5 convolution kernels")
     p.add_argument("-w", type=str, default="deeplab", choices=("deeplab", "resnet"), help="RMI/LSTM backbone weights")
-    p.add_argument("--img-size", type=positive_int, default=320, help="network input size (320 in the originals)")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="network input size (320 in the TF1 originals, 480 in ReSTR's)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisers and the per-epoch shuffles")
     p.add_argument("--batch-root", default=".", help="folder holding <dataset>/<split>_batch (default .)")
     p.add_argument("--data-dir", default="data", help="folder of the *_emb.npy files (default data)")
-    p.add_argument("--init-weights", default=None, help="backbone initialisation checkpoint (default: the original path)")
+    p.add_argument("--init-weights", default=None, help="backbone initialisation checkpoint (default: the original path; "
+                   "'random' for seeded stand-in weights)")
     p.add_argument("--resume-from", default=None, help="train: continue from this snapshot (ours or an original TF1 one)")
     p.add_argument("--vis-dir", default=None, help="test -v: output folder (default ./<dataset>/visualization/<model>_<iter>)")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
@@ -179,6 +182,10 @@ def command_line_problem(args):
         problems.append(folder_problem(args.vis_dir, "--vis-dir"))
     if args.m == "bench" and args.bench_json:
         problems.append(output_file_problem(args.bench_json, "--bench-json"))
+    if args.c and args.m == "test" and not cfg.spec.supports_crf:
+        return f"-c (DenseCRF) is not available for -n {cfg.model} (its original evaluation has none)"
+    if args.m == "export" and not cfg.spec.exportable:
+        return f"-m export is not available for -n {cfg.model} yet"
     if args.m == "export":
         if not args.export_dir:
             return "-m export needs --export-dir DIR"

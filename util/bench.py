@@ -1,15 +1,17 @@
 """``-m bench -n <model>``: throughput of the eval forward and of one train step, against this machine's matmul peak.
 
-For each batch size of ``cfg.bench_batch_sizes`` and XLA off/on: the eval forward (``sigm`` output) and one full train
-step (forward, backward, TF1 Adam update) on random 320×320 images (``cfg.image_size``) and a fixed 20-token
-sentence, with seeded weights (no data files: the backbone gets ``models.backbone.seeded_weights``, CMPC a seeded
-12112×300 embedding). Each is called once to trace/compile and once to warm up, then timed ``repeats`` times
-(``cfg.bench_repeats``, default 5); the median is reported.
+For each batch size of ``cfg.bench_batch_sizes`` and XLA off/on: the eval forward (the registry entry's
+``probability_key`` output: ``sigm``, ReSTR ``pixel_pred``) and one full train step (forward, backward, the model's
+optimizer update) on random images at ``cfg.image_size`` and a fixed 20-token sentence, with seeded weights (no data
+files: the entry's ``random`` initialisation — for the TF1 models the backbone gets
+``models.backbone.seeded_weights`` —, and a seeded 12112×300 embedding for the GloVe models). Each is called once to
+trace/compile and once to warm up, then timed ``repeats`` times (``cfg.bench_repeats``, default 5); the median is
+reported.
 
 FLOPs per image come from TensorFlow's profiler (``float_operation``: 2 per multiply-add of convolutions and
-matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone, the whole forward (head = difference) and
-the whole train step. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is a 4096×4096 matmul in the
-compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
+matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone (ReSTR: the ViT), the whole forward
+(head = difference) and the whole train step. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is
+a 4096×4096 matmul in the compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
 the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
 """
 import logging
@@ -22,10 +24,9 @@ import tensorflow as tf
 from tensorflow.python.profiler.model_analyzer import profile
 from tensorflow.python.profiler.option_builder import ProfileOptionBuilder
 
-from models import build_model
+from models import RANDOM_INIT
 from util.metrics import write_json_atomic
-from util.optim import TF1Adam
-from util.train import COMPUTE_DTYPES, initialize_backbone, make_train_step
+from util.train import COMPUTE_DTYPES, make_train_step
 
 log = logging.getLogger("bench")
 MATMUL_SIZE = 4096
@@ -70,24 +71,31 @@ def bench(cfg):
     repeats = cfg.bench_repeats
     dtype = COMPUTE_DTYPES[cfg.precision]
     size = cfg.image_size
+    spec = cfg.spec
     embedding = (np.random.RandomState(cfg.seed).uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32)
-                 if cfg.model == "CMPC_model" else None)
-    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=embedding, image_size=size,
-                        weights=cfg.weights, seed=cfg.seed)
-    initialize_backbone(model.backbone, "random", cfg.seed)
-    tvars = model.train_variables(cfg.conv5)
-    optimizer = TF1Adam(tvars, cfg.lr, model.head.LR_DECAY_STEPS, model.head.STEP_NAME)
+                 if spec.needs_embedding(cfg.emb) else None)
+    model = spec.build(cfg.vocab_size, embedding, size, cfg.weights, cfg.seed)
+    spec.initialize(model, RANDOM_INIT, cfg.seed)
+    tvars = spec.train_variables(model, cfg.conv5)
+    optimizer = spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
+    losses, objective = spec.losses(model), spec.objective(model)
 
-    def forward(inputs):
-        return model(tf.cast(inputs[0], dtype), inputs[1])
+    def forward(inputs, training=True):
+        return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=training)
+
+    def train_step(jit_compile=False):
+        return make_train_step(forward, losses, objective, tvars, optimizer, jit_compile=jit_compile,
+                               regularization=spec.regularization, multiplier=spec.gradient_multiplier)
+
+    def probability(im, w):
+        return forward((im, w), training=False)[spec.probability_key]
 
     image_spec = tf.TensorSpec([1, size, size, 3], tf.float32)
     words_spec = tf.TensorSpec([1, SENTENCE_LENGTH], tf.int32)
     target_spec = tf.TensorSpec([1, size, size, 1], tf.float32)
-    backbone_flops = graph_flops(lambda im: model.backbone(tf.cast(im, dtype)), image_spec)
-    eval_flops = graph_flops(lambda im, w: forward((im, w))["sigm"], image_spec, words_spec)
-    train_flops = graph_flops(make_train_step(forward, model.head.losses, model.head.OBJECTIVE, tvars,
-                                              optimizer).python_function, (image_spec, words_spec), target_spec)
+    backbone_flops = graph_flops(lambda im: spec.backbone(model, tf.cast(im, dtype)), image_spec)
+    eval_flops = graph_flops(probability, image_spec, words_spec)
+    train_flops = graph_flops(train_step().python_function, (image_spec, words_spec), target_spec)
     peak = matmul_gflops(dtype, repeats)
     result = {"model": cfg.model, "image_size": size, "precision": cfg.precision, "repeats": repeats,
               "flops_per_image": {"backbone": backbone_flops, "head": eval_flops - backbone_flops,
@@ -100,8 +108,8 @@ def bench(cfg):
     rng = np.random.RandomState(cfg.seed)
     state = [v.numpy() for v in tvars.values()]
     for xla in cfg.bench_xla:
-        eval_fn = tf.function(lambda im, w: forward((im, w))["sigm"], jit_compile=xla)
-        step_fn = make_train_step(forward, model.head.losses, model.head.OBJECTIVE, tvars, optimizer, jit_compile=xla)
+        eval_fn = tf.function(probability, jit_compile=xla)
+        step_fn = train_step(xla)
         for batch in cfg.bench_batch_sizes:
             images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
             words = tf.constant(np.tile(np.arange(1, SENTENCE_LENGTH + 1, dtype=np.int32), (batch, 1)))

@@ -1,23 +1,10 @@
-"""One run configuration from the originals' flags, with each model's original defaults."""
+"""One run configuration from the originals' flags, with each model's original defaults (from its registry entry,
+``models.model_spec``)."""
 import dataclasses
 import os
 import sys
 
 import numpy as np
-
-# Per model: (max_iter -i, snapshot interval -s, stop -st (None = -i), snapshots kept).
-MODEL_DEFAULTS = {
-    "CMPC_model": (800000, 100000, 700000, 4),
-    "RRN_model": (800000, 100000, None, 1000),
-    "RMI_model": (750000, 50000, None, 1000),
-    "LSTM_model": (750000, 50000, None, 1000),
-}
-SHORT_NAMES = {"RMI_model": "RMI", "LSTM_model": "LSTM"}
-INIT_WEIGHTS = {
-    "deeplab_resnet": "./data/weights/deeplab_resnet_init.ckpt",
-    "deeplab": "./external/TF-deeplab/model/ResNet101_train.tfmodel",
-    "resnet": "./external/TF-resnet/model/ResNet101_init.tfmodel",
-}
 
 
 @dataclasses.dataclass
@@ -30,14 +17,14 @@ class RunConfig:
     snapshot: int = None
     stop_iter: int = None
     folder: str = None
-    lr: float = 0.00025
-    batch_size: int = 1
+    lr: float = None
+    batch_size: int = None
     visualize: bool = False
     dcrf: bool = False
     emb: bool = False
     conv5: bool = False
     weights: str = "deeplab"
-    image_size: int = 320
+    image_size: int = None
     seed: int = 0
     batch_root: str = "."
     data_dir: str = "data"
@@ -61,16 +48,21 @@ class RunConfig:
     data_format: str = "auto"
 
     def __post_init__(self):
-        max_iter, snapshot, stop, keep = MODEL_DEFAULTS[self.model]
-        self.max_iter = self.iteration if self.iteration is not None else max_iter
+        from models import model_spec
+
+        self.spec = model_spec(self.model)
+        defaults = self.spec.defaults
+        self.max_iter = self.iteration if self.iteration is not None else defaults.max_iter
         self.iteration = self.max_iter
-        self.snapshot = self.snapshot or snapshot
-        self.stop_iter = self.stop_iter or stop or self.max_iter
-        self.keep_snapshots = keep
+        self.snapshot = self.snapshot or defaults.snapshot
+        self.stop_iter = self.stop_iter or defaults.stop or self.max_iter
+        self.keep_snapshots = defaults.keep
+        self.lr = defaults.lr if self.lr is None else self.lr
+        self.batch_size = self.batch_size or defaults.batch_size
+        self.image_size = self.image_size or defaults.image_size
         self.vocab_size = 8803 if self.dataset == "referit" else 12112
         if self.init_weights is None:
-            key = self.weights if self.model in SHORT_NAMES else "deeplab_resnet"
-            self.init_weights = INIT_WEIGHTS[key]
+            self.init_weights = self.spec.default_init_weights(self.weights)
         if self.vocab_file is None:
             name = "referit" if self.dataset == "referit" else "Gref"
             self.vocab_file = os.path.join(self.data_dir, f"vocabulary_{name}.txt")
@@ -90,34 +82,32 @@ class RunConfig:
         """``-f``; RMI/LSTM default to their original ``./<dataset>/tfmodel``."""
         if self.folder:
             return self.folder
-        if self.model in SHORT_NAMES:
-            return os.path.join(self.batch_root, self.dataset, "tfmodel")
+        folder = self.spec.default_snapshot_folder(self.batch_root, self.dataset)
+        if folder:
+            return folder
         raise ValueError(f"-f (snapshot folder) is required for -n {self.model}")
 
     @property
     def snapshot_name(self):
-        """``<dataset>_iter`` (CMPC, RRN) or RMI's ``<dataset>_<weights>_<model>_iter``."""
-        if self.model in SHORT_NAMES:
-            return f"{self.dataset}_{self.weights}_{SHORT_NAMES[self.model]}_iter"
-        return f"{self.dataset}_iter"
+        """``<dataset>_iter`` (CMPC, RRN, ReSTR) or RMI's ``<dataset>_<weights>_<model>_iter``."""
+        return self.spec.snapshot_name(self.dataset, self.weights)
 
     def snapshot_candidates(self, iteration):
-        base = os.path.join(self.snapshot_folder, f"{self.snapshot_name}_{iteration}")
-        return [base, base + ".tfmodel"]
+        return self.spec.snapshot_candidates(self.snapshot_folder, self.dataset, self.weights, iteration)
 
     @property
     def embedding_path(self):
-        name = "referit" if (self.emb and self.dataset == "referit") else "Gref"
-        return os.path.join(self.data_dir, f"{name}_emb.npy")
+        return os.path.join(self.data_dir, self.spec.embedding_file(self.dataset, self.emb))
 
     def load_embedding(self):
-        """CMPC's GloVe matrix (``np.load``, no pickles); None for the other models."""
-        if self.model != "CMPC_model":
+        """The GloVe matrix of a model that embeds words with it (CMPC, ReSTR; ``np.load``, no pickles); None for
+        the other models."""
+        if not self.spec.needs_embedding(self.emb):
             return None
         path = self.embedding_path
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} not found: CMPC needs the GloVe matrix of the vocabulary; build it with "
+                f"{path} not found: {self.model} needs the GloVe matrix of the vocabulary; build it with "
                 f"external/glove_to_npy.py (see data/README.md)")
         try:
             emb = np.load(path, allow_pickle=False)

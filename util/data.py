@@ -171,11 +171,12 @@ def to_network_input(rgb_uint8, mu=MU):
     return (bgr - mu).astype(np.float32)
 
 
-def train_example(sample, mu=MU):
-    """One training example exactly as the originals' loop feeds it: (words int32 [T], image float32 BGR − mu
-    [H, W, 3], target float32 [H, W, 1]). Training npz files are already resized and padded."""
+def train_example(sample, mu=MU, preprocess=None):
+    """One training example exactly as the originals' loop feeds it: (words int32 [T], image float32 [H, W, 3],
+    target float32 [H, W, 1]); the image is ``preprocess(im_batch)`` (the model's input, from its registry entry),
+    by default the TF1 models' BGR − mu. Training npz files are already resized and padded."""
     words = sample["text_batch"].astype(np.int32)
-    image = to_network_input(sample["im_batch"], mu)
+    image = to_network_input(sample["im_batch"], mu) if preprocess is None else preprocess(sample["im_batch"])
     target = sample["mask_batch"].astype(np.float32)[:, :, None]
     return words, image, target
 
@@ -372,7 +373,7 @@ def replica_indices(num_samples, seed, shuffle, start, batch_size, first_replica
 
 
 def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_parallel_calls=None,
-                     first_replica=0, local_replicas=1, num_replicas=1):
+                     first_replica=0, local_replicas=1, num_replicas=1, preprocess=None):
     """``tf.data`` version of ``training_samples``, batched: the same samples, preprocessing and order.
 
     ``files``: a list of .npz paths or a ``NpzSamples`` / ``TFRecordSamples``. ``start`` is the global sample
@@ -380,12 +381,13 @@ def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_
     (``deterministic=True`` keeps the order), and batches are prefetched. ``batch_size`` is per replica; the
     replica arguments select this pipeline's share of each global batch (``replica_indices``): consecutive
     elements of the dataset are the batches of replicas ``first_replica``, ``first_replica + 1``, … as
-    ``tf.distribute.Strategy.distribute_datasets_from_function`` hands them out.
+    ``tf.distribute.Strategy.distribute_datasets_from_function`` hands them out. ``preprocess``: the model's
+    uint8 RGB → network input (``train_example``).
     """
     import tensorflow as tf
 
     source = _as_source(files)
-    first = train_example(source.load(0), mu)
+    first = train_example(source.load(0), mu, preprocess)
     size, steps = first[1].shape[:2], first[0].shape[0]
 
     def indices():
@@ -393,7 +395,7 @@ def training_dataset(files, batch_size, seed, shuffle=True, start=0, mu=MU, num_
                                num_replicas)
 
     def read(index):
-        return train_example(source.load(int(index)), mu)
+        return train_example(source.load(int(index)), mu, preprocess)
 
     def read_tf(index):
         words, image, target = tf.numpy_function(read, [index], [tf.int32, tf.float32, tf.float32])

@@ -1,24 +1,24 @@
 """Evaluation: the originals' ``test()`` — preprocessing, threshold, DenseCRF, metrics, visualisation.
 
-Per sample: proc_im = img_as_ubyte(resize_and_pad(im, S, S)); the network sees float32(proc_im)[..., ::-1] − mu;
-prediction = (upsampled logits ≥ 1e-9), mapped back with resize_and_crop to the original size (any nonzero value is
-foreground); DenseCRF on the padded S×S frame with the uint8 RGB image. Samples are evaluated in file order, in
-batches of ``-bs`` (every padded image is S×S), which changes no number.
+Per sample (the TF1 models; ``models.TF1Spec.predictor``): proc_im = img_as_ubyte(resize_and_pad(im, S, S)); the
+network sees float32(proc_im)[..., ::-1] − mu; prediction = (upsampled logits ≥ 1e-9), mapped back with
+resize_and_crop to the original size (any nonzero value is foreground); DenseCRF on the padded S×S frame with the
+uint8 RGB image. Samples are evaluated in file order, in batches of ``-bs`` (every padded image is S×S), which changes
+no number. Other models bring their own network input and post-processing through their registry entry's
+``predictor`` (ReSTR: ``models.ReSTRSpec.predictor``); the metrics, printed block and JSON are the same for all.
 """
 import logging
 import os
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
-from models import build_model
+from models import model_spec
 from util import data
 from util.crf import dense_crf
 from util.image import img_as_ubyte, resize_and_crop, resize_and_pad
 from util.metrics import SegmentationMetrics, write_json_atomic
-from util.snapshots import find_snapshot, restore_model
 from util.summaries import write_test_scalars
 
 SCORE_THRESHOLD = 1e-9
@@ -60,13 +60,14 @@ def save_visualization(folder, index, sample, prediction, suffix=""):
         f.write(data.sentence_of(sample) + "\n")
 
 
-def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True):
-    """Evaluate ``model`` on the eval ``.npz`` files.
+def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True, spec=None):
+    """Evaluate ``model`` on the eval ``.npz`` files with its registry entry's ``predictor`` (``spec``, default
+    the entry of ``model.model_name``).
 
     Returns (metrics, metrics with DenseCRF or None, paths of unreadable samples). An unreadable ``.npz`` is skipped
     with a warning and listed, not counted in the metrics.
     """
-    forward = tf.function(lambda images, words: model(images, words))
+    predict = (spec or model_spec(model.model_name)).predictor(model, image_size, dcrf)
     metrics, metrics_crf = SegmentationMetrics(), (SegmentationMetrics() if dcrf else None)
     bar = tqdm(total=len(files), desc="test", unit="sample", disable=not progress)
     skipped = []
@@ -81,15 +82,7 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
         bar.update(len(files[start:start + batch_size]) - len(samples))
         if not samples:
             continue
-        prepared = [prepare(s, image_size) for s in samples]
-        words = np.stack([p[0] for p in prepared])
-        images = np.stack([p[1] for p in prepared])
-        outputs = forward(tf.constant(images), tf.constant(words))
-        up = outputs["up"].numpy()[..., 0]
-        sigm = outputs["sigm"].numpy()[..., 0]
-        for k, (sample, (_, _, proc_im)) in enumerate(zip(samples, prepared)):
-            shape = sample["mask_batch"].shape
-            plain, refined = predict_masks(up[k], sigm[k], proc_im, shape, dcrf)
+        for k, (sample, (plain, refined)) in enumerate(zip(samples, predict(samples))):
             metrics.add(plain, sample["mask_batch"])
             if dcrf:
                 metrics_crf.add(refined, sample["mask_batch"])
@@ -107,13 +100,12 @@ def test(cfg):
     (atomically). A run that could read no sample at all raises ``BadSample`` and writes no JSON, so an earlier
     result is never replaced by a zero-sample one."""
     files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
-    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
-                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
-    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    spec = cfg.spec
+    prefix = spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
     log.info("Loading trained weights from %s", prefix)
-    restore_model(model, prefix)
+    model = spec.load_trained(prefix, cfg)
     metrics, metrics_crf, skipped = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
-                                    cfg.vis_folder if cfg.visualize else None, progress=cfg.progress)
+                                    cfg.vis_folder if cfg.visualize else None, progress=cfg.progress, spec=spec)
     json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
     if metrics.total == 0:
         raise data.BadSample(f"none of the {len(files)} samples under {cfg.batch_folder} could be read (all skipped, "

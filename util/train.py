@@ -8,17 +8,16 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from models import build_model
+from models import RANDOM_INIT
 from models.backbone import seeded_weights
 from models.layers import resize_bilinear_legacy
 from util import data
 from util.checkpoints import load_backbone_weights
 from util.metrics import compute_accuracy
-from util.optim import WEIGHT_DECAY, TF1Adam, gradient_multiplier, is_regularized, l2_regularization
-from util.snapshots import NonFiniteWeights, Snapshots, restore_model
+from util.optim import WEIGHT_DECAY, gradient_multiplier, l2_regularization
+from util.snapshots import NonFiniteWeights, Snapshots
 from util.summaries import plugin_metadata
 
-RANDOM_INIT = "random"
 log = logging.getLogger("train")
 
 
@@ -46,11 +45,14 @@ class DynamicLossScale(tf.Module):
 
 
 def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight_decay=WEIGHT_DECAY,
-                    jit_compile=False, strategy=None, loss_scale=None):
+                    jit_compile=False, strategy=None, loss_scale=None, regularization=None,
+                    multiplier=gradient_multiplier):
     """Build the step of the originals' ``train_op``.
 
     cost = losses[objective] + weight_decay · Σ ½‖W‖² (over the ``DW``/``weights`` kernels of ``train_vars``);
     gradients of cost w.r.t. ``train_vars`` times ``gradient_multiplier`` (×2 on ``biases``); one TF1 Adam update.
+    A model's registry entry may replace the regularisation term (``regularization(train_vars)`` → scalar) and the
+    multipliers (``multiplier(name)`` → float), and bring another optimizer with the same ``apply_gradients``.
 
     Args:
       forward: fn(inputs) -> outputs dict (the model's forward pass).
@@ -58,7 +60,7 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
       objective: key of the loss that is optimised (``cls_loss``; CMPC ``cls_loss_all``).
       train_vars: {TF1 name: tf.Variable} that are updated (the original's ``tvars``); watched explicitly, so frozen
         (non-trainable) backbone kernels selected by ``-conv5`` get gradients and nothing else is differentiated.
-      optimizer: ``util.optim.TF1Adam`` over the same variables.
+      optimizer: ``util.optim.TF1Adam`` (or ``util.adamw.AdamW``) over the same variables.
       jit_compile: compile with XLA (under a strategy: the per-replica forward/backward).
       strategy: a ``tf.distribute.Strategy`` whose scope created the variables, or None. Each replica computes the
         losses and gradients of its share of the global batch (its own batch mean, as the originals' loss); the
@@ -78,7 +80,8 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
             tape.watch(var_list)
             outputs = forward(inputs)
             losses = dict(losses_fn(outputs, target_fine))
-            losses["reg_loss"] = l2_regularization(train_vars, weight_decay)
+            losses["reg_loss"] = (l2_regularization(train_vars, weight_decay) if regularization is None
+                                  else regularization(train_vars))
             losses["cost"] = losses[objective] + losses["reg_loss"]
             scaled_cost = losses["cost"] * loss_scale.scale if loss_scale is not None else losses["cost"]
         grads = {}
@@ -91,7 +94,7 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
     def apply(grads):
         scaled = {}
         for name, grad in grads.items():
-            mult = gradient_multiplier(name)
+            mult = multiplier(name)
             scaled[name] = tf.multiply(mult, grad) if mult != 1.0 else grad
         if loss_scale is None:
             return optimizer.apply_gradients(scaled)
@@ -153,15 +156,16 @@ class TrainSummaries:
     layout ``tf.summary.scalar`` / ``image`` produce), so the ``tensorboard`` package is not needed to train.
     """
 
-    def __init__(self, logdir, every, image_every, mu=data.MU):
+    def __init__(self, logdir, every, image_every, mu=data.MU, display_rgb=None):
         self.writer = tf.summary.create_file_writer(logdir)
         self.every, self.image_every, self.mu = every, image_every, mu
+        self.display_rgb = display_rgb
         self._scalar = plugin_metadata("scalars")
         self._image = plugin_metadata("images")
 
     def write(self, n_iter, losses, acc, avg_acc, image, target, sigm):
-        """Write iteration ``n_iter``'s summaries that are due. ``image`` [B,H,W,3] BGR − mu, ``target`` and
-        ``sigm`` [B,H,W,1] in [0, 1] (numpy)."""
+        """Write iteration ``n_iter``'s summaries that are due. ``image`` [B,H,W,3] the network input (BGR − mu, or
+        what ``display_rgb`` maps back to RGB), ``target`` and ``sigm`` [B,H,W,1] in [0, 1] (numpy)."""
         if n_iter % self.every == 0:
             values = {name if name == "learning_rate" else f"loss/{name}": value for name, value in losses.items()}
             for prefix, accs in (("accuracy", acc), ("accuracy_avg", avg_acc)):
@@ -171,7 +175,8 @@ class TrainSummaries:
                     tf.summary.write(tag, tf.constant(float(value), tf.float32), step=n_iter,
                                      metadata=self._scalar)
         if n_iter % self.image_every == 0:
-            rgb = np.clip((np.asarray(image[0], np.float64) + self.mu)[:, :, ::-1], 0, 255)
+            rgb = (np.clip((np.asarray(image[0], np.float64) + self.mu)[:, :, ::-1], 0, 255)
+                   if self.display_rgb is None else self.display_rgb(image[0]))
             with self.writer.as_default():
                 for tag, picture in (("image", rgb), ("ground_truth", 255 * target[0]), ("prediction", 255 * sigm[0])):
                     png = tf.io.encode_png(np.round(picture).astype(np.uint8))
@@ -248,44 +253,47 @@ def train(cfg):
     source = data.training_source(cfg.batch_folder, cfg.batch_prefix, cfg.data_format)
     data.check_training_source(source, cfg.image_size)
     dtype = COMPUTE_DTYPES[cfg.precision]
+    spec = cfg.spec
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
-                            image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
-        head = model.head
-        tvars = model.train_variables(cfg.conv5)
-        optimizer = TF1Adam(tvars, cfg.lr, head.LR_DECAY_STEPS, head.STEP_NAME)
+        model = spec.build(cfg.vocab_size, cfg.load_embedding(), cfg.image_size, cfg.weights, cfg.seed)
+        tvars = spec.train_variables(model, cfg.conv5)
+        optimizer = spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
         loss_scale = DynamicLossScale() if cfg.precision == "fp16" else None
     snapshots = Snapshots(cfg.snapshot_folder, cfg.snapshot_name, keep=cfg.keep_snapshots)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
 
     start, latest = snapshots.latest_good()
     if latest is not None:
-        restore_model(model, latest, optimizer)
+        spec.restore(model, latest, optimizer)
         start = int(optimizer.step.numpy())
         log.info("resuming from %s (iteration %d)", latest, start)
     elif cfg.resume_from:
-        restore_model(model, cfg.resume_from, optimizer)
+        spec.restore(model, cfg.resume_from, optimizer)
         start = int(optimizer.step.numpy())
         log.info("resuming from %s (iteration %d)", cfg.resume_from, start)
     else:
         start = 0
-        initialize_backbone(model.backbone, cfg.init_weights, cfg.seed)
+        spec.initialize(model, cfg.init_weights, cfg.seed)
 
-    log.info("Collecting variables for regularization:")
-    for name in sorted(n for n in tvars if is_regularized(n)):
-        log.info("\t%s", name)
-    log.info("Done.")
+    regularized = spec.regularized_names(tvars)
+    if regularized:
+        log.info("Collecting variables for regularization:")
+        for name in regularized:
+            log.info("\t%s", name)
+        log.info("Done.")
 
     if dtype == tf.float32:
         def forward(inputs):
-            return model(*inputs)
+            return spec.forward(model, *inputs, training=True)
     else:
         def forward(inputs):
-            return model(tf.cast(inputs[0], dtype), inputs[1])
-    step_fn = make_train_step(forward, head.losses, head.OBJECTIVE, tvars, optimizer, jit_compile=cfg.xla,
-                              strategy=strategy, loss_scale=loss_scale)
+            return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=True)
+    step_fn = make_train_step(forward, spec.losses(model), spec.objective(model), tvars, optimizer,
+                              jit_compile=cfg.xla, strategy=strategy, loss_scale=loss_scale,
+                              regularization=spec.regularization, multiplier=spec.gradient_multiplier)
     if strategy is None:
-        dataset = data.training_dataset(source, cfg.batch_size, cfg.seed, shuffle=True, start=start * cfg.batch_size)
+        dataset = data.training_dataset(source, cfg.batch_size, cfg.seed, shuffle=True, start=start * cfg.batch_size,
+                                        preprocess=spec.input_numpy)
     else:
         per_replica = cfg.batch_size // replicas
 
@@ -293,10 +301,11 @@ def train(cfg):
             local = replicas // context.num_input_pipelines
             return data.training_dataset(source, per_replica, cfg.seed, shuffle=True, start=start * cfg.batch_size,
                                          first_replica=context.input_pipeline_id * local, local_replicas=local,
-                                         num_replicas=replicas)
+                                         num_replicas=replicas, preprocess=spec.input_numpy)
         dataset = strategy.distribute_datasets_from_function(dataset_fn)
         log.info("%s: %d replicas, %d samples each per step (chief: %s)", cfg.strategy, replicas, per_replica, chief)
-    summaries = TrainSummaries(cfg.logdir, cfg.summary_every, cfg.image_summary_every) if cfg.logdir and chief else None
+    summaries = (TrainSummaries(cfg.logdir, cfg.summary_every, cfg.image_summary_every, display_rgb=spec.display_rgb)
+                 if cfg.logdir and chief else None)
     batches = iter(dataset)
     averages = MovingAverages()
     score_size = None
@@ -315,19 +324,20 @@ def train(cfg):
             raise data.BadSample(f"reading the sample of iteration {n_iter} failed: "
                                  f"{first_line.split('BadSample: ')[-1][:300]}") from None
         losses, outputs = step_fn((image, words), target)
-        cls_loss = float(losses["cls_loss"])
+        cls_loss = float(losses[spec.log_loss])
         if not np.isfinite(float(losses["cost"])):
             raise TrainingDiverged(
                 f"loss is {float(losses['cost'])} at iteration {n_iter}: stopping; the last good snapshot is "
                 f"{last_good()}")
         avg_loss = averages.update("loss", cls_loss)
-        pred = _local(outputs["pred"])
+        pred = _local(outputs[spec.score_key])
         score_size = score_size or list(pred.shape[1:3])
         local_target = _local(target)
         acc = compute_accuracy(pred, _downsample_target(local_target, score_size))
         avg_acc = [averages.update(k, a) for k, a in zip(("all", "pos", "neg"), acc)]
         if summaries is not None:
-            summaries.write(n_iter, losses, acc, avg_acc, _local(image), local_target, _local(outputs["sigm"]))
+            summaries.write(n_iter, losses, acc, avg_acc, _local(image), local_target,
+                            spec.probability(_local(outputs[spec.probability_key])))
         now = time.time()
         if n_iter % cfg.log_every == 0:
             log.info("iter = %d, loss (cur) = %f, loss (avg) = %f, lr = %f",
