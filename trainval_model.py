@@ -60,6 +60,13 @@ def learning_rate(text):
     return value
 
 
+def existing_file(text):
+    """argparse type: a path to an existing file."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return text
+
+
 def batch_size_list(text):
     """argparse type: comma-separated positive integers, e.g. ``1,8``."""
     return tuple(positive_int(part.strip()) for part in text.split(","))
@@ -113,6 +120,10 @@ def parse_args(argv):
     p.add_argument("--bench-json", default=None, help="bench: also write the figures as JSON here")
     p.add_argument("--bench-repeats", type=positive_int, default=5, help="bench: timed calls per case (median; at least 5)")
     p.add_argument("--bench-no-xla", action="store_true", help="bench: skip the XLA cases")
+    p.add_argument("--bench-parts", action="store_true",
+                   help="bench: also time the backbone alone and forward+backward without update (a per-part split)")
+    p.add_argument("--bench-baseline", type=existing_file, default=None,
+                   help="bench: JSON of the originals' timings (orig_timing or benchmarks/orig_parts.py): print ratios")
     p.add_argument("--data-format", default="auto", choices=("auto", "npz", "tfrecord"),
                    help="train: read .npz files or TFRecord shards (auto: .npz when present)")
     args = p.parse_args(argv)
@@ -222,7 +233,8 @@ def config_from_args(args):
         summary_every=args.summary_every, image_summary_every=args.image_summary_every, export_dir=args.export_dir,
         vocab_file=args.vocab_file, bench_batch_sizes=args.bench_batch_sizes,
         bench_json=args.bench_json, bench_repeats=args.bench_repeats,
-        bench_xla=(False,) if args.bench_no_xla else (False, True), data_format=args.data_format)
+        bench_xla=(False,) if args.bench_no_xla else (False, True), bench_parts=args.bench_parts,
+        bench_baseline=args.bench_baseline, data_format=args.data_format)
 
 
 def interrupted_note(args):

@@ -13,7 +13,16 @@ matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone (ReSTR
 (head = difference) and the whole train step. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is
 a 4096×4096 matmul in the compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
 the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
+
+With ``cfg.bench_parts`` two more cases are timed, so that the time splits into backbone, head, loss + backward and
+optimizer update: ``backbone`` (the backbone's forward alone) and ``grads`` (the train step with an optimizer that
+updates nothing: forward, losses and every gradient, which it sums so that none is pruned). head = eval − backbone,
+loss + backward = grads − eval, update = train − grads; ``benchmarks/orig_parts.py`` times the same parts of the
+original graphs. ``cfg.bench_baseline`` is a JSON of the originals' timings (``../shared/tools/orig_timing``'s
+``timing`` output, or ``benchmarks/orig_parts.py``'s): each batch-1 figure without XLA is then printed beside the
+original's, with the speed ratio (original time / ours).
 """
+import json
 import logging
 import resource
 import statistics
@@ -32,6 +41,8 @@ log = logging.getLogger("bench")
 MATMUL_SIZE = 4096
 SENTENCE_LENGTH = 20
 EMBEDDING_SHAPE = (12112, 300)
+# The originals' keys in orig_timing's JSON (the TF1 models only: ReSTR has no TF original).
+ORIGINAL_KEYS = {"CMPC_model": "cmpc", "RRN_model": "rrn", "RMI_model": "rmi", "LSTM_model": "lstm"}
 
 
 def median_seconds(fn, repeats):
@@ -61,6 +72,27 @@ def graph_flops(fn, *specs):
     return profile(graph, options=options).total_float_ops
 
 
+class GradientsOnly:
+    """The optimizer of the ``grads`` case: consumes every gradient (their sum is its "learning rate", so none is
+    pruned from the graph) and updates nothing."""
+
+    @staticmethod
+    def apply_gradients(grads):
+        return tf.add_n([tf.reduce_sum(g) for g in grads.values()])
+
+
+def load_baseline(path, model):
+    """{case: seconds} of the original ``model`` from an orig_timing JSON (``{key: {eval: {median_ms}, train: …}}``)
+    or an orig_parts JSON (``{key: {backbone: ms, eval: ms, grads: ms, train: ms}}``); {} if it has no entry."""
+    try:
+        with open(path) as f:
+            entry = json.load(f).get(ORIGINAL_KEYS.get(model), {})
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a JSON of the originals' timings ({e})") from None
+    return {case: (value["median_ms"] if isinstance(value, dict) else value) / 1e3
+            for case, value in entry.items() if isinstance(value, (dict, int, float))}
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -83,8 +115,8 @@ def bench(cfg):
     def forward(inputs, training=True):
         return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=training)
 
-    def train_step(jit_compile=False):
-        return make_train_step(forward, losses, objective, tvars, optimizer, jit_compile=jit_compile,
+    def train_step(jit_compile=False, update=optimizer):
+        return make_train_step(forward, losses, objective, tvars, update, jit_compile=jit_compile,
                                regularization=spec.regularization, multiplier=spec.gradient_multiplier)
 
     def probability(im, w):
@@ -105,29 +137,51 @@ def bench(cfg):
              "%d×%d matmul %.0f GFLOP/s", cfg.model, size, size, cfg.precision, backbone_flops / 1e9,
              (eval_flops - backbone_flops) / 1e9, eval_flops / 1e9, train_flops / 1e9, MATMUL_SIZE, MATMUL_SIZE, peak)
 
+    baseline = load_baseline(cfg.bench_baseline, cfg.model) if cfg.bench_baseline else {}
+    if cfg.bench_baseline:
+        result["baseline"] = {"file": cfg.bench_baseline, "seconds": baseline}
     rng = np.random.RandomState(cfg.seed)
     state = [v.numpy() for v in tvars.values()]
     for xla in cfg.bench_xla:
         eval_fn = tf.function(probability, jit_compile=xla)
         step_fn = train_step(xla)
+        backbone_fn = tf.function(lambda im: spec.backbone(model, tf.cast(im, dtype)), jit_compile=xla)
+        grads_fn = train_step(xla, GradientsOnly())
         for batch in cfg.bench_batch_sizes:
             images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
             words = tf.constant(np.tile(np.arange(1, SENTENCE_LENGTH + 1, dtype=np.int32), (batch, 1)))
             target = tf.constant((rng.uniform(size=(batch, size, size, 1)) > 0.7).astype(np.float32))
-            for kind, fn, flops in (("eval", lambda: eval_fn(images, words).numpy(), eval_flops),
-                                    ("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(),
-                                     train_flops)):
+            cases = [("eval", lambda: eval_fn(images, words).numpy(), eval_flops),
+                     ("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(), train_flops)]
+            if cfg.bench_parts:
+                cases[1:1] = [("backbone", lambda: [v.numpy() for v in backbone_fn(images).values()], backbone_flops),
+                              ("grads", lambda: grads_fn((images, words), target)[0]["cost"].numpy(), None)]
+            for kind, fn, flops in cases:
                 seconds = median_seconds(fn, repeats)
                 images_per_s = batch / seconds
-                gflops = flops * images_per_s / 1e9
                 run = {"kind": kind, "batch": batch, "xla": xla, "median_s": seconds, "images_per_s": images_per_s,
-                       "gflops": gflops, "percent_of_matmul": 100.0 * gflops / peak, "peak_rss_mb": peak_rss_mb()}
+                       "peak_rss_mb": peak_rss_mb()}
+                if flops is not None:
+                    run["gflops"] = flops * images_per_s / 1e9
+                    run["percent_of_matmul"] = 100.0 * run["gflops"] / peak
                 if kind == "eval":
                     run["backbone_gflops"] = backbone_flops * images_per_s / 1e9
+                compared = ""
+                if batch == 1 and not xla and kind in baseline:
+                    run["original_s"] = baseline[kind]
+                    run["speedup_vs_original"] = baseline[kind] / seconds
+                    compared = f"  original {baseline[kind]:.3f} s: {run['speedup_vs_original']:.2f}x"
                 result["runs"].append(run)
-                log.info("%-5s batch %2d xla %-5s %8.3f s  %7.2f images/s  %7.1f GFLOP/s  %5.1f %% of matmul  "
-                         "peak RSS %.0f MB", kind, batch, xla, seconds, images_per_s, gflops, run["percent_of_matmul"],
-                         run["peak_rss_mb"])
+                log.info("%-8s batch %2d xla %-5s %8.3f s  %7.2f images/s  %7.1f GFLOP/s  %5.1f %% of matmul  "
+                         "peak RSS %.0f MB%s", kind, batch, xla, seconds, images_per_s, run.get("gflops", float("nan")),
+                         run.get("percent_of_matmul", float("nan")), run["peak_rss_mb"], compared)
+            if cfg.bench_parts:
+                t = {r["kind"]: r["median_s"] for r in result["runs"] if r["batch"] == batch and r["xla"] == xla}
+                parts = {"backbone": t["backbone"], "head": t["eval"] - t["backbone"],
+                         "loss_and_backward": t["grads"] - t["eval"], "update": t["train"] - t["grads"]}
+                result.setdefault("parts", []).append({"batch": batch, "xla": xla, "seconds": parts})
+                log.info("parts, batch %d xla %s: %s", batch, xla,
+                         ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
         for var, value in zip(tvars.values(), state):
             var.assign(value)
     if cfg.bench_json:

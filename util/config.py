@@ -45,6 +45,8 @@ class RunConfig:
     bench_json: str = None
     bench_repeats: int = 5
     bench_xla: tuple = (False, True)
+    bench_parts: bool = False
+    bench_baseline: str = None
     data_format: str = "auto"
 
     def __post_init__(self):
