@@ -167,7 +167,9 @@ def run(args):
     outputs only when both are complete, and removed on any error."""
     if not args.text.strip():
         raise ValueError("empty sentence: --text has no words")
-    image = read_image(args.img, max(args.max_side, args.img_size or 0))
+    from models import model_spec
+
+    image = read_image(args.img, max(args.max_side, args.img_size or model_spec(args.n).defaults.image_size))
     prefix = args.out or os.path.splitext(os.path.basename(args.img))[0]
     folder = os.path.dirname(prefix) or "."
     os.makedirs(folder, exist_ok=True)
