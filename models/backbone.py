@@ -128,9 +128,16 @@ class Backbone(tf.Module):
         return [v for n, v in self.vars.items() if n.startswith(("res3", "res4", "res5")) and n.endswith("/weights")]
 
     def _conv(self, x, name, stride=1, dilation=1):
-        """``tf.nn.conv2d`` with kernel ``<name>/weights`` (HWIO), TF ``SAME`` padding, no bias."""
+        """``tf.nn.conv2d`` with kernel ``<name>/weights`` (HWIO), TF ``SAME`` padding, no bias.
+
+        A dilated kernel runs as the originals' ``tf.nn.atrous_conv2d``: ``tf.nn.convolution`` with the dilation,
+        i.e. space-to-batch, an undilated conv, batch-to-space. Its gradient exists on CPU, where ``Conv2D``'s own
+        ``dilations`` has none (``-conv5`` fine-tunes the dilated res4/res5 kernels).
+        """
         w = tf.cast(self.vars[f"{name}/weights"], x.dtype)
-        return tf.nn.conv2d(x, w, strides=stride, padding="SAME", dilations=dilation)
+        if dilation > 1:
+            return tf.nn.convolution(x, w, padding="SAME", dilations=dilation)
+        return tf.nn.conv2d(x, w, strides=stride, padding="SAME")
 
     def _bn(self, x, conv, relu):
         """Inference batch norm of scope ``bn_name(conv)`` with the moving statistics, epsilon 0.001, optional ReLU.

@@ -247,3 +247,22 @@ def test_converter_cli(golden, loaded, drsleep_ckpt, tmp_path):
     assert done.returncode == 0, done.stderr
     report = load_backbone_weights(Backbone(), tmp_path / "accepted")
     assert report["missing"] == []  # a TF2 checkpoint always holds every variable (missing ones as zeros)
+
+
+def test_dilated_kernels_have_gradients_on_cpu(loaded):
+    """``-conv5`` differentiates the dilated res4/res5 kernels: Conv2D's own ``dilations`` has no CPU gradient, the
+    originals' atrous convolution (space-to-batch) has; the forward is unchanged by it (golden tests above)."""
+    backbone = loaded[0]
+    image = tf.constant(np.random.RandomState(3).normal(0, 50, (1, 40, 40, 3)).astype(np.float32))
+    kernels = [backbone.vars[n] for n in ("res4b22_branch2b/weights", "res5c_branch2b/weights", "res3a_branch2a/weights")]
+
+    @tf.function
+    def gradients(x):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(kernels)
+            total = tf.reduce_sum(backbone(x)["res5c_relu"])
+        return tape.gradient(total, kernels)
+
+    for kernel, grad in zip(kernels, gradients(image)):
+        grad = grad.numpy()
+        assert grad.shape == tuple(kernel.shape) and np.isfinite(grad).all() and np.abs(grad).max() > 0, kernel.name
