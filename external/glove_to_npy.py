@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from util.config import error_line  # noqa: E402
+from util.text import load_vocab_dict_from_file  # noqa: E402
 
 log = logging.getLogger("glove_to_npy")
 
@@ -40,12 +41,16 @@ class GloveError(Exception):
 
 
 def read_vocab(path):
-    """Vocabulary lines, stripped, in file order."""
+    """Vocabulary lines, stripped, in file order; checked (UTF-8, an optional byte-order mark, the special ids
+    0-3) by ``util.text.load_vocab_dict_from_file`` like every vocabulary the models read."""
     try:
-        with open(path, encoding="utf-8") as f:
+        load_vocab_dict_from_file(path)
+        with open(path, encoding="utf-8-sig") as f:
             return [line.strip() for line in f.read().splitlines()]
     except FileNotFoundError:
         raise GloveError(f"vocabulary file not found: {path}") from None
+    except ValueError as e:
+        raise GloveError(str(e)) from None
 
 
 def read_glove(path, wanted):

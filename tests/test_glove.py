@@ -29,12 +29,16 @@ def test_glove_rows_and_coverage(tmp_path, caplog):
     assert "'blue' 'square'" in caplog.text
     again, _ = glove_to_npy(str(glove), str(vocab), str(tmp_path / "again.npy"), seed=1)
     np.testing.assert_array_equal(again, emb)
+    bom = tmp_path / "vocab_bom.txt"  # a Windows editor's byte-order mark must not shift or rename row 0
+    bom.write_bytes(b"\xef\xbb\xbf" + vocab.read_bytes())
+    with_bom, _ = glove_to_npy(str(glove), str(bom), str(tmp_path / "bom.npy"), seed=1)
+    np.testing.assert_array_equal(with_bom, emb)
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_glove_errors(tmp_path, caplog):
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("<pad>\nred\n")
+    vocab.write_text("<pad>\n<go>\n<eos>\n<unk>\nred\n")
     assert main([str(tmp_path / "nope.txt"), str(vocab), str(tmp_path / "o.npy")]) == 1
     assert "GloVe file not found" in caplog.text
     bad = tmp_path / "bad.txt"
@@ -42,3 +46,7 @@ def test_glove_errors(tmp_path, caplog):
     with pytest.raises(GloveError, match=r"bad.txt:2: 2 fields after the word, expected 3"):
         glove_to_npy(str(bad), str(vocab), str(tmp_path / "o.npy"))
     assert not (tmp_path / "o.npy").exists()
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("<pad>\nred\n")
+    with pytest.raises(GloveError, match=r"foreign.txt must start with <pad>, <go>, <eos>, <unk>"):
+        glove_to_npy(str(bad), str(foreign), str(tmp_path / "o.npy"))
