@@ -301,20 +301,21 @@ def resize_legacy(im, out_h, out_w):
     return out
 
 
-def resize_and_pad(im, h, w):
+def resize_and_pad(im, h, w, resize=None):
     """The original ``resize_and_pad``: scale to fit inside h×w keeping the aspect ratio, centre, zero-pad.
 
     scale = min(h/H, w/W); rh = int(np.round(H·scale)), rw likewise (half-to-even); offsets int(floor(h − rh) / 2),
-    int(floor(w − rw) / 2); the resized image (``resize_legacy``, float64 in [0, 1] for uint8 input) is pasted into
-    float64 zeros of shape (h, w) or (h, w, C).
+    int(floor(w − rw) / 2); the resized image (``resize(im, rh, rw)``, default ``resize_legacy``: float64 in [0, 1]
+    for uint8 input) is pasted into zeros of its dtype, shape (h, w) or (h, w, C).
     """
+    resize = resize or resize_legacy
     im_h, im_w = im.shape[:2]
     scale = min(h / im_h, w / im_w)
     rh = int(np.round(im_h * scale))
     rw = int(np.round(im_w * scale))
     pad_h = int(np.floor(h - rh) / 2)
     pad_w = int(np.floor(w - rw) / 2)
-    resized = resize_legacy(im, rh, rw)
+    resized = resize(im, rh, rw)
     out = np.zeros((h, w) + im.shape[2:], dtype=resized.dtype)
     out[pad_h:pad_h + rh, pad_w:pad_w + rw, ...] = resized
     return out
@@ -368,16 +369,7 @@ def resize_and_pad_skimage019(im, h, w):
     """ReSTR's ``resize_and_pad`` (its ``utils/im_processing.py``): the geometry of ``resize_and_pad`` (fit inside
     h×w, ``np.round`` sizes, floor-half offsets, zero padding = black) around ``resize_skimage019``. The output has
     the resized array's dtype: float64 for uint8 images, float32 for float32 masks."""
-    im_h, im_w = im.shape[:2]
-    scale = min(h / im_h, w / im_w)
-    rh = int(np.round(im_h * scale))
-    rw = int(np.round(im_w * scale))
-    pad_h = int(np.floor(h - rh) / 2)
-    pad_w = int(np.floor(w - rw) / 2)
-    resized = resize_skimage019(im, rh, rw)
-    out = np.zeros((h, w) + im.shape[2:], dtype=resized.dtype)
-    out[pad_h:pad_h + rh, pad_w:pad_w + rw, ...] = resized
-    return out
+    return resize_and_pad(im, h, w, resize=resize_skimage019)
 
 
 RESIZE_AND_PAD = {"skimage013": resize_and_pad, "skimage019": resize_and_pad_skimage019}
