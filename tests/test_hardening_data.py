@@ -683,3 +683,33 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_completes(tmp_path, jobs):
     for f in done:
         np.load(folder / f)["im_batch"]
     assert build_batches.main(argv[:-2]) == 0 and len(os.listdir(folder)) == n
+
+
+def test_visualization_pngs_are_whole_or_absent(tmp_path, monkeypatch):
+    """``-v``: a PNG write that fails part-way (disk full) leaves no partial or temporary file, and an earlier
+    complete visualisation of the same index stays as it was."""
+    from util import evaluate
+
+    rng = np.random.default_rng(0)
+    sample = {"im_batch": rng.integers(0, 256, (8, 10, 3), dtype=np.uint8),
+              "mask_batch": np.eye(8, 10, dtype=np.uint8), "sent_batch": np.array(["the man"])}
+    folder = str(tmp_path / "vis")
+    evaluate.save_visualization(folder, 0, sample, np.ones((8, 10)))
+    before = {name: (tmp_path / "vis" / name).read_bytes() for name in os.listdir(folder)}
+    assert sorted(before) == ["000000_gt.png", "000000_im.png", "000000_pred.png", "000000_sent.txt"]
+
+    real_save = Image.Image.save
+
+    def full_disk_on_pred(self, fp, *args, **kwargs):
+        if "_pred" in str(fp):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk_on_pred)
+    with pytest.raises(OSError):
+        evaluate.save_visualization(folder, 0, sample, np.zeros((8, 10)))
+    after = sorted(os.listdir(folder))
+    assert after == sorted(before), after
+    assert (tmp_path / "vis" / "000000_pred.png").read_bytes() == before["000000_pred.png"]

@@ -14,6 +14,8 @@ import zipfile
 
 import numpy as np
 
+from util.files import atomic_output
+
 # Image mean of the Caffe-converted backbones, in B, G, R order (float64 as the originals).
 MU = np.array((104.00698793, 116.66876762, 122.67891434))
 NPZ_KEYS = ("text_batch", "im_batch", "mask_batch", "sent_batch")
@@ -251,16 +253,9 @@ def write_tfrecords(files, folder, prefix, shard_size=TFRECORD_SHARD_SIZE):
     paths = []
     for shard in range(num_shards):
         path = os.path.join(folder, tfrecord_name(prefix, shard, num_shards))
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with tf.io.TFRecordWriter(tmp) as writer:
-                for f in files[shard * shard_size:(shard + 1) * shard_size]:
-                    writer.write(_example_bytes(load_sample(f)))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_output(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
+            for f in files[shard * shard_size:(shard + 1) * shard_size]:
+                writer.write(_example_bytes(load_sample(f)))
         paths.append(path)
     log.info("wrote %d samples in %d TFRecord shards under %s", len(files), num_shards, folder)
     return paths

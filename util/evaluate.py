@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models import model_spec
 from util import data
 from util.crf import dense_crf
+from util.files import atomic_output
 from util.image import img_as_ubyte, resize_and_crop, resize_and_pad
 from util.metrics import SegmentationMetrics, write_json_atomic
 from util.summaries import write_test_scalars
@@ -42,7 +43,8 @@ def predict_masks(up, sigm, proc_im, shape, dcrf):
 def save_visualization(folder, index, sample, prediction, suffix=""):
     """``<folder>/<index>_im.png`` (image), ``_gt.png`` (red object on blue), ``_pred<suffix>.png`` (im/2 plus 100 in
     the red channel where ``uint8(prediction)`` is 1), as CMPC's ``visualize_seg`` draws them, in one folder per
-    run instead of one per sentence; the sentence goes to ``_sent.txt``."""
+    run instead of one per sentence; the sentence goes to ``_sent.txt``. Each file is written atomically
+    (``util.files.atomic_output``): an interrupted run leaves whole files or none."""
     os.makedirs(folder, exist_ok=True)
     im = sample["im_batch"]
     mask = sample["mask_batch"].astype(bool)
@@ -53,10 +55,10 @@ def save_visualization(folder, index, sample, prediction, suffix=""):
     gt[mask, 2] = 0
     pred = im / 2.0
     pred[..., 0] += 100 * prediction.astype(np.uint8)
-    Image.fromarray(im).save(base + "_im.png")
-    Image.fromarray(gt).save(base + "_gt.png")
-    Image.fromarray(pred.astype(np.uint8)).save(base + f"_pred{suffix}.png")
-    with open(base + "_sent.txt", "w") as f:
+    for path, array in ((base + "_im.png", im), (base + "_gt.png", gt), (base + f"_pred{suffix}.png", pred)):
+        with atomic_output(path) as tmp:
+            Image.fromarray(array.astype(np.uint8)).save(tmp, format="PNG")
+    with atomic_output(base + "_sent.txt") as tmp, open(tmp, "w") as f:
         f.write(data.sentence_of(sample) + "\n")
 
 

@@ -37,7 +37,6 @@ import logging
 import os
 import shutil
 
-import numpy as np
 import tensorflow as tf
 
 from models import build_model

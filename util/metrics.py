@@ -1,8 +1,9 @@
 """Evaluation metrics and the printed block of the originals (``util/eval_tools.py``, ``test()`` of the mains)."""
 import json
-import os
 
 import numpy as np
+
+from util.files import atomic_output
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -71,14 +72,6 @@ class SegmentationMetrics:
 
 
 def write_json_atomic(obj, path):
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename (the temporary file is removed if the
-    write fails)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``obj`` as JSON to ``path`` through ``util.files.atomic_output`` (temporary file, then rename)."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
