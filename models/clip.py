@@ -264,6 +264,17 @@ class ResidualAttentionBlock(vit.TorchModule):
         return x + self.c_proj(h * tf.sigmoid(1.702 * h))
 
 
+class Embedding(vit.TorchModule):
+    """``nn.Embedding(V, W)``: ``weight`` [V, W]; ids [...] → rows [..., W]."""
+
+    def __init__(self, prefix, vocab_size, width):
+        super().__init__(prefix)
+        self.weight = self.add_parameter("weight", _zeros((vocab_size, width)))
+
+    def __call__(self, ids):
+        return tf.gather(self.weight, ids)
+
+
 def causal_mask(length):
     """CLIP ``build_attention_mask``: [L, L], −∞ above the diagonal (token t sees tokens ≤ t), 0 elsewhere."""
     upper = 1.0 - tf.linalg.band_part(tf.ones([length, length]), -1, 0)
@@ -328,7 +339,7 @@ class CLIP(vit.TorchModule):
         self.resblocks = [self.add_module(ResidualAttentionBlock(f"{prefix}transformer.resblocks.{i}.",
                                                                  transformer_width, transformer_heads))
                           for i in range(transformer_layers)]
-        self.token_embedding = self.add_parameter("token_embedding.weight", _zeros((vocab_size, transformer_width)))
+        self.token_embedding = self.add_module(Embedding(prefix + "token_embedding.", vocab_size, transformer_width))
         self.ln_final = self.add_module(vit.LayerNorm(prefix + "ln_final.", transformer_width, LN_EPS))
 
     def encode_image(self, images, training=False, taps=None, attnpool=True):
@@ -345,7 +356,7 @@ class CLIP(vit.TorchModule):
         length = int(ids.shape[-1])
         if length != self.txt_length:
             raise ValueError(f"CLIP text encoder: {length} tokens, the causal mask has {self.txt_length}")
-        x = taps["token_embedding"] = tf.gather(self.token_embedding, ids)
+        x = taps["token_embedding"] = self.token_embedding(ids)
         x = taps["plus_pos"] = x + self.positional_embedding[:length]
         mask = causal_mask(length)
         for i, block in enumerate(self.resblocks):

@@ -318,11 +318,21 @@ class ConvBNRelu(vit.TorchModule):
         super().__init__(prefix)
         self.conv = self.add_module(clip.Conv2d(prefix + "conv.", c_in, c_out, 3, padding=1, bias=False, rng=rng))
         self.bn = self.add_module(clip.BatchNorm2d(prefix + "bn.", c_out))
-        self.slope = self.add_parameter("relu.weight", np.full([1], PRELU_INIT, np.float32))
+        self.relu = self.add_module(PReLU(prefix + "relu."))
 
     def __call__(self, x, training=False):
-        x = self.bn(self.conv(x), training)
-        return tf.maximum(x, 0.0) + self.slope * tf.minimum(x, 0.0)
+        return self.relu(self.bn(self.conv(x), training))
+
+
+class PReLU(vit.TorchModule):
+    """``nn.PReLU()``: one slope ``weight`` [1] (0.25 at init) shared by all channels: max(x, 0) + a·min(x, 0)."""
+
+    def __init__(self, prefix):
+        super().__init__(prefix)
+        self.weight = self.add_parameter("weight", np.full([1], PRELU_INIT, np.float32))
+
+    def __call__(self, x):
+        return tf.maximum(x, 0.0) + self.weight * tf.minimum(x, 0.0)
 
 
 class FinalSeg(vit.TorchModule):
