@@ -36,6 +36,8 @@ import numpy as np
 import tensorflow as tf
 
 from models import bert, vit
+from util import adamw
+from util.torch_image import resize_bilinear
 from util.vit_weights import augreg_state_dict
 
 CROP_SIZE = 384                # --crop_size: input size and the reconstruction grid (G = 24)
@@ -302,14 +304,17 @@ class SaG(vit.TorchModule):
       cma_heads, cma_dim_head; dropout: ``--dropout`` (aggregator and cma ``to_out``/FFs).
       bert_config: ``BertModel`` keyword arguments (``BERT_BASE``; ``dropout_rate`` is BERT's own dropout).
       n_cls: the unused ViT head; seed: numpy seed of the initial values and of the dropout generator.
+      rng: a numpy ``Generator`` for the initial values instead of ``seed``'s (anything with ``uniform``,
+        ``normal`` and ``standard_normal``; a constant one makes a weights-to-be-loaded build cheap).
     """
 
     def __init__(self, crop_size=CROP_SIZE, construction_size=CONSTRUCTION_SIZE, patch_size=PATCH_SIZE, vit_dim=384,
                  vit_heads=6, vit_layers=12, vit_drop_path_rate=0.1, embed_dim=512, num_slots=36, cascade=3,
                  agg_depth=6, cross_heads=4, cross_dim_head=256, latent_heads=4, latent_dim_head=128, ff_mult=4,
-                 var_scale=1.0, cma_heads=4, cma_dim_head=256, dropout=0.1, bert_config=None, n_cls=1000, seed=0):
+                 var_scale=1.0, cma_heads=4, cma_dim_head=256, dropout=0.1, bert_config=None, n_cls=1000, seed=0,
+                 rng=None):
         super().__init__("")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if rng is None else rng
         self.generator = tf.random.Generator.from_seed(seed)
         self.crop_size, self.patch_size = crop_size, patch_size
         self.grid = (crop_size // patch_size, crop_size // patch_size)
@@ -445,3 +450,174 @@ class SaG(vit.TorchModule):
 def preprocess(images):
     """``Normalize(0.5, 0.5)`` after ``ToTensor``: RGB [..., 3] (uint8 or float 0 … 255) → (x/255 − 0.5)/0.5."""
     return (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
+
+
+# --------------------------------------------------------------------------------------------- training
+LEARNING_RATE = 1e-5           # --lr
+WEIGHT_DECAY = 1e-4            # --weight_decay (decoupled, every parameter with a gradient)
+IMG_LR_SCALE = 0.1             # --img_lr_scale (the ViT)
+IMG_SPM_LR_SCALE = 1.0         # --img_spm_lr_scale (image encoder minus the ViT)
+TXT_LR_SCALE = 1.0             # --txt_lr_scale (BERT + linear)
+WARMUP_ITER = 5000             # --lr_warmup_iter: loss scaling below it, cosine from it
+GRAD_CLIP = 0.1                # --grad_clip: global L2 norm
+RECON_WEIGHT = 1.0             # --recon_weight
+BATCH_SIZE = 32
+NUM_EPOCHS = 50
+THRESHOLD = 0.5                # --pseudo_threshold
+UNUSED_PREFIXES = ("encoders.img_enc.img_backbone.head.", "encoders.txt_enc.bert.pooler.",
+                   "encoders.img_enc.set_pred_module.fc.", "encoders.img_enc.residual_fc.")
+
+
+def losses(outputs, recon_weight=RECON_WEIGHT):
+    """``CMA_Loss`` (info_nce, τ = 1, ``--cma_detach_target``) + ``nn.MSELoss`` reconstruction, as coded.
+
+    sim[t, i] = ⟨stop_gradient(txt_emb[t]), cm_feat[i, t]⟩ (the text target is neither normalised nor trained from
+    this side); loss_cm = mean_t (logsumexp_i sim[t, i] − sim[t, t]) (cross-entropy with the matching image first);
+    loss_recon = mean((img_feat_recon − stop_gradient(img_feat))²); loss = loss_cm + recon_weight·loss_recon.
+    """
+    txt = tf.stop_gradient(outputs["txt_emb"][:, 0])
+    sim = tf.einsum("td,itd->ti", txt, outputs["cm_feat"])
+    loss_cm = tf.reduce_mean(tf.reduce_logsumexp(sim, axis=1) - tf.linalg.diag_part(sim))
+    loss_recon = tf.reduce_mean(tf.square(outputs["img_feat_recon"] - tf.stop_gradient(outputs["img_feat"])))
+    return {"loss_cm": loss_cm, "loss_recon": loss_recon, "loss": loss_cm + recon_weight * loss_recon}
+
+
+def meter_average(values):
+    """``utils.AverageMeter``'s ``avg`` of the per-batch losses (float32): Σ values / (count + 0.0001) — the
+    original's 1e-4 in the denominator biases every reported mean (training and validation loss) by −1e-4·avg."""
+    values = [tf.cast(v, tf.float32) for v in values]
+    return tf.add_n(values) / (len(values) + 0.0001)
+
+
+def warmup_scale(total_iter, warmup_iter=WARMUP_ITER):
+    """``train_cma_recon.train``'s "warm-up": the LOSS (not the lr) is multiplied by total_iter/warmup_iter while
+    total_iter (1, 2, …) < warmup_iter, else 1."""
+    return float(total_iter) / warmup_iter if total_iter < warmup_iter else 1.0
+
+
+def cosine_table(base_lr, t_max, warmup_iter=WARMUP_ITER, num_steps=None):
+    """float64 [num_steps]: the learning rate of update number t = 0, 1, … (iteration t + 1).
+
+    ``CosineAnnealingLR(T_max)`` is stepped after the update of every iteration with total_iter ≥ warmup_iter, so
+    update t runs after k = max(0, t + 1 − warmup_iter) scheduler steps; the value is torch's recursive form
+    lr_k = lr_{k−1}·(1 + cos(πk/T))/(1 + cos(π(k−1)/T)) (eta_min 0; ``(k − 1 − T) % 2T == 0`` takes torch's other
+    branch), in Python floats. Groups scale it by their multiplier (torch recurses per group: ≤ 1 ulp apart).
+    """
+    num_steps = t_max if num_steps is None else num_steps
+    by_k = [base_lr]
+    for k in range(1, max(0, num_steps - warmup_iter + 1) + 1):
+        if (k - 1 - t_max) % (2 * t_max) == 0:
+            by_k.append(by_k[-1] + base_lr * (1 - math.cos(math.pi / t_max)) / 2)
+        else:
+            by_k.append((1 + math.cos(math.pi * k / t_max)) / (1 + math.cos(math.pi * (k - 1) / t_max)) * by_k[-1])
+    return np.array([by_k[max(0, t + 1 - warmup_iter)] for t in range(num_steps)], np.float64)
+
+
+def optim_groups(model, img_lr_scale=IMG_LR_SCALE, img_spm_lr_scale=IMG_SPM_LR_SCALE, txt_lr_scale=TXT_LR_SCALE):
+    """``train_cma_recon.main``'s five AdamW groups as [({key: var}, lr multiplier)]: 0 ``cma``, 1 ``decoder``,
+    2 the image encoder minus the ViT, 3 the ViT (``img_lr_scale``), 4 the text encoder. Parameters that never get a
+    gradient (``UNUSED_PREFIXES``) are left out: torch skips them (no state, no decay)."""
+    variables = {k: v for k, v in model.distinct_variables().items() if not k.startswith(UNUSED_PREFIXES)}
+
+    def take(prefix, exclude=None):
+        return {k: v for k, v in variables.items() if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
+
+    vit_prefix = "encoders.img_enc.img_backbone."
+    return [(take("cma."), 1.0), (take("decoder."), 1.0), (take("encoders.img_enc.", vit_prefix), img_spm_lr_scale),
+            (take(vit_prefix), img_lr_scale), (take("encoders.txt_enc."), txt_lr_scale)]
+
+
+def make_optimizer(model, lr=LEARNING_RATE, t_max=None, warmup_iter=WARMUP_ITER, weight_decay=WEIGHT_DECAY,
+                   num_steps=None, **scales):
+    """``torch.optim.AdamW(optim_groups, lr, weight_decay)`` driven by ``cosine_table`` (``t_max`` =
+    len(train_loader)·num_epochs)."""
+    t_max = (num_steps or 1) if t_max is None else t_max
+    return adamw.AdamW(optim_groups(model, **scales), cosine_table(lr, t_max, warmup_iter, num_steps or t_max),
+                       weight_decay)
+
+
+def clip_by_global_norm(grads, max_norm=GRAD_CLIP):
+    """``clip_grad_norm_(parameters, max_norm)``: total = ‖(‖g‖₂ per tensor)‖₂ over the gradients present;
+    every gradient × min(1, max_norm/(total + 1e-6)). Returns (clipped {name: grad}, total)."""
+    present = {k: g for k, g in grads.items() if g is not None}
+    total = tf.norm(tf.stack([tf.norm(g) for g in present.values()]))
+    coef = tf.minimum(max_norm / (total + 1e-6), 1.0)
+    return {k: g * coef for k, g in present.items()}, total
+
+
+def train_step(model, optimizer, images, ids, slot_noise, total_iter, warmup_iter=WARMUP_ITER,
+               recon_weight=RECON_WEIGHT, grad_clip=GRAD_CLIP):
+    """One iteration of ``train_cma_recon.train`` (total_iter counts from 1): training-mode forward, ``losses``,
+    the loss scaled by ``warmup_scale``, gradients, ``clip_by_global_norm``, one AdamW update. Returns
+    {loss_cm, loss_recon, loss, loss_backward, grad_total_norm, grads (clipped), lrs (the groups' lr used)}."""
+    groups = [variables for variables, _ in optimizer.groups]
+    names = [k for variables in groups for k in variables]
+    variables = [v for g in groups for v in g.values()]
+    with tf.GradientTape() as tape:
+        outputs = model(images, ids, slot_noise, training=True)
+        parts = losses(outputs, recon_weight)
+        loss_backward = parts["loss"] * warmup_scale(total_iter, warmup_iter)
+    grads = tape.gradient(loss_backward, variables)
+    grads = {k: (tf.convert_to_tensor(g) if g is not None else None) for k, g in zip(names, grads)}
+    clipped, total = clip_by_global_norm(grads, grad_clip)
+    lrs = optimizer.group_learning_rates()
+    optimizer.apply_gradients(clipped)
+    return dict(parts, loss_backward=loss_backward, grad_total_norm=total, grads=clipped, lrs=lrs)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+VARIANTS = ("max_cm", "avg_cm", "no_cm", "min_cm")
+
+
+def relevance_maps(slot_attn, relevance):
+    """``eval_seg``'s four maps of one sample from the LAST iteration's head-mean slot map A [S, N] and the
+    relevance r [S] (float32): max_cm = A[argmax r], avg_cm = Σ_s r[s]·A[s] (the reported one), no_cm = mean_s A,
+    min_cm = A[argmin r]."""
+    a = np.asarray(slot_attn, np.float32)
+    r = np.asarray(relevance, np.float32)
+    return {"max_cm": a[int(np.argmax(r))], "avg_cm": (r[:, None] * a).sum(axis=0, dtype=np.float32),
+            "no_cm": a.mean(axis=0, dtype=np.float32), "min_cm": a[int(np.argmin(r))]}
+
+
+def iou_map(relevance_map, label, threshold=THRESHOLD):
+    """``get_IoU_map``: map [G·G] → [G, G] → bilinear (align_corners False) to the label's [h, w] → min-max
+    normalised AFTER the resize, (m − min)/(max − min + 1e-9) in float32 → hard = ≥ threshold; I, U against the
+    label (bool [h, w]). Returns (resized [h, w] float32, hard [h, w] bool, I, U)."""
+    label = np.asarray(label, bool)
+    grid = int(round(math.sqrt(np.size(relevance_map))))
+    m = np.asarray(relevance_map, np.float32).reshape(1, grid, grid, 1)
+    resized = np.asarray(resize_bilinear(m, label.shape))[0, :, :, 0]
+    normed = (resized - resized.min()) / (resized.max() - resized.min() + np.float32(1e-9))
+    hard = normed >= threshold
+    return resized, hard, np.sum(np.logical_and(hard, label)), np.sum(np.logical_or(hard, label))
+
+
+def seg_metrics(records, names=("cIoU", "mIoU", "prec", "recall")):
+    """``eval_seg``'s dict from per-sample records {variant: (I, U, Σhard, Σlabel)} in data-set order, accumulated
+    as the original (Python/numpy float64, same order): cIoU = 100·ΣI/ΣU; mIoU = Σ(I/U)·(100/n); prec = Σ(I/Σhard,
+    0 when I = 0)·(100/n); recall = Σ(I/Σlabel)·(100/n). Keys ``max_*`` and ``avg_*`` (``names`` renames the four
+    metrics, e.g. ``validation()`` says ``precision``)."""
+    n = len(records)
+    out = {}
+    for variant, prefix in (("max_cm", "max"), ("avg_cm", "avg")):
+        cum_i = cum_u = miou = prec = recall = 0.0
+        for record in records:
+            i, u, hard_sum, label_sum = record[variant]
+            cum_i += i
+            cum_u += u
+            prec += (i / hard_sum if i != 0 else 0)
+            recall += i / label_sum
+            miou += i / u
+        values = (100 * (cum_i / cum_u), miou * (100 / n), prec * (100 / n), recall * (100 / n))
+        out.update({f"{prefix}_{name}": float(v) for name, v in zip(names, values)})
+    return out
+
+
+def evaluate_sample(slot_attn_last, relevance, label, threshold=THRESHOLD):
+    """One sample of ``eval_seg``: {variant: {map, resized, hard, I, U}} and its record for ``seg_metrics``."""
+    out, record = {}, {}
+    for variant, m in relevance_maps(slot_attn_last, relevance).items():
+        resized, hard, i, u = iou_map(m, label, threshold)
+        out[variant] = {"map": m, "resized": resized, "hard": hard, "I": i, "U": u}
+        record[variant] = (i, u, hard.sum(), np.asarray(label, bool).sum())
+    return out, record
