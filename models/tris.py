@@ -372,8 +372,8 @@ class TRISStage2(vit.TorchModule):
                         for k in range(4)]
         self.final_seg = [self.add_module(FinalSeg(f"final_seg{k}.", c_in, c_mid, rng))
                           for k, c_in, c_mid in ((1, d[0], d[0]), (2, d[1], d[0]), (3, d[2], d[1]), (4, d[3], d[1]))]
-        self.output = {k: self.add_module(ConvBNRelu(f"output{k}.", c_in, c_out, rng))
-                       for k, c_in, c_out in ((4, d[4], d[3]), (3, d[3], d[2]), (2, d[2], d[1]), (1, d[1], d[0]))}
+        self.output = [self.add_module(ConvBNRelu(f"output{k}.", c_in, c_out, rng))           # output4 … output1
+                       for k, c_in, c_out in ((4, d[4], d[3]), (3, d[3], d[2]), (2, d[2], d[1]), (1, d[1], d[0]))]
 
     @classmethod
     def from_state_dict(cls, state_dict, source="state_dict"):
@@ -411,19 +411,32 @@ class TRISStage2(vit.TorchModule):
         def up(x, like):
             return resize_bilinear(x, (int(like.shape[1]), int(like.shape[2])))
 
-        taps["output4"] = self.output[4](dem[3], training)
+        output4, output3, output2, output1 = self.output
+        taps["output4"] = output4(dem[3], training)
         seg4 = taps["seg_out4_up"] = up(taps["output4"], dem[2])
-        taps["output3"] = self.output[3](seg4 + dem[2], training)
+        taps["output3"] = output3(seg4 + dem[2], training)
         seg3 = taps["seg_out3_up"] = up(taps["output3"], dem[1])
-        taps["output2"] = self.output[2](seg3 + dem[1], training)
+        taps["output2"] = output2(seg3 + dem[1], training)
         seg2 = taps["seg_out2_up"] = up(taps["output2"], dem[0])
-        seg1 = taps["output1"] = self.output[1](seg2 + dem[0], training)
+        seg1 = taps["output1"] = output1(seg2 + dem[0], training)
         taps["final_seg1"] = self.final_seg[0](seg1, training)
         out1 = resize_bilinear(taps["final_seg1"], size)
         if not training:
             return out1
         return (out1, *(resize_bilinear(head(s, training), size)
                         for head, s in zip(self.final_seg[1:], (seg2, seg3, seg4))))
+
+
+def model_state_dict(obj, source="checkpoint"):
+    """The state_dict inside what TRIS's ``utils/util.save_checkpoint`` writes ({'model', 'optimizer',
+    'lr_scheduler', 'epoch'}; only 'model' is used, as ``load_checkpoint``) or a plain state_dict → {key: array}.
+    Anything else: ValueError, one line naming ``source``."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
+        return dict(obj)
+    top = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{source}: not a TRIS checkpoint (a dict with 'model', or a state_dict); top level: {top}")
 
 
 def from_state_dict(state_dict, source="state_dict"):
@@ -511,11 +524,46 @@ def evaluate_sentence(output, gt_mask, boxes):
             "hit": hit, "hitm": int(gt_mask[row, col] == 1), "max_loc": (int(row), int(col))}
 
 
-def summarize(results):
-    """The evaluation's figures over per-sentence ``evaluate_sentence`` results (×100): ``mIoU`` (mean of I/U, what
-    the paper reports), ``oIoU`` (ΣI/ΣU), ``hit`` and ``hitm`` (= PointM), fractions of sentences."""
-    n = len(results)
-    return {"mIoU": 100.0 * float(np.mean([r["I"] / r["U"] for r in results])),
-            "oIoU": 100.0 * sum(r["I"] for r in results) / sum(r["U"] for r in results),
-            "hit": 100.0 * sum(r["hit"] for r in results) / n,
-            "hitm": 100.0 * sum(r["hitm"] for r in results) / n}
+def summarize(results, counts=None):
+    """The evaluation's figures over ``evaluate_sentence`` results (×100): ``mIoU`` (mean of I/U, what the paper
+    reports), ``oIoU`` (ΣI/ΣU), ``hit`` and ``hitm`` (= PointM), fractions of sentences.
+
+    ``counts`` (PRMS, ``validate_same_sentence``: one result per ref standing for its k sentences): the original's
+    meters weight as coded — mIoU and the hits by k, but I and U are multiplied by k AND counted k times, so
+    oIoU = Σ k²·I / Σ k²·U."""
+    k = np.ones(len(results)) if counts is None else np.asarray(counts, np.float64)
+    iou = np.array([r["I"] / r["U"] for r in results])
+    return {"mIoU": 100.0 * float(np.sum(k * iou) / np.sum(k)),
+            "oIoU": 100.0 * float(sum(w * w * r["I"] for w, r in zip(k, results))
+                                  / sum(w * w * r["U"] for w, r in zip(k, results))),
+            "hit": 100.0 * float(sum(w * r["hit"] for w, r in zip(k, results)) / np.sum(k)),
+            "hitm": 100.0 * float(sum(w * r["hitm"] for w, r in zip(k, results)) / np.sum(k))}
+
+
+def prms_scores(output, image, ids, clip_model):
+    """``validate.validate_same_sentence``'s CLIP scores of one response map: fg = bilinear (align_corners True)
+    224 resizes of the RAW map ``output`` [1, S, S, 1] (not normalised, no sigmoid) · the normalised image
+    [1, S, S, 3]; → cos(ViT-B/32(fg), text_k) for each of the ref's sentences ``ids`` [k, T], float64 [k]."""
+    size = (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE)
+    fg = resize_bilinear_align_corners(output, size) * resize_bilinear_align_corners(image, size)
+    image_features = _unit(clip_model.encode_image(fg))
+    _, text_features = clip_model.encode_text(ids)
+    return np.asarray(tf.matmul(image_features, _unit(text_features), transpose_b=True), np.float64)[0]
+
+
+def prms_select(score_rows):
+    """PRMS's choice among a ref's k maps: the first j with the largest Σ_k score (``score > max``, max from −1; when
+    no sum exceeds −1 the original fails on its placeholder, here the first map is kept)."""
+    best, index = -1.0, 0
+    for j, scores in enumerate(score_rows):
+        total = float(np.sum(scores))
+        if total > best:
+            best, index = total, j
+    return index
+
+
+def lr_factor(t, iters_per_epoch, epochs):
+    """Both stages' ``LambdaLR`` factor (1 − t/(iters_per_epoch·epochs))^0.9 (Python floats, as the original).
+    Stage 1 steps it every iteration (t = iterations done); stage 2 once per epoch (t = epochs done), so its rate is
+    practically constant."""
+    return (1 - t / (iters_per_epoch * epochs)) ** 0.9

@@ -11,6 +11,8 @@ import fnmatch
 import json
 import logging
 import os
+import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -195,6 +197,40 @@ def test_evaluation(golden, stage, stage1, stage2):
 
 
 # --------------------------------------------------------------------------------------------- training
+def test_prms(golden, stage1):
+    """PRMS (``validate_same_sentence``): every CLIP score, the chosen maps saved as CAMs, and its metrics."""
+    npz, vit = golden["npz"], vitb32(golden)
+    scores, results, counts, hitm_x_nsent = [], [], [], []
+    for c in range(2):
+        image = tf.constant(nhwc(npz["input__image"][c:c + 1]))
+        words = npz[f"input__val_word_ids__{c}"].T                                  # [k, 20]
+        outputs = [stage1(image, tf.constant(w[None])) for w in words]
+        rows = [tris.prms_scores(out, image, tf.constant(words), vit) for out in outputs]
+        scores.extend(np.concatenate(rows))
+        chosen = tris.prms_select(rows)
+        r = tris.evaluate_sentence(np.asarray(outputs[chosen])[0, :, :, 0], npz[f"input__target_orig__{c}"],
+                                   npz[f"input__boxes__{c}"])
+        check(golden, f"s1_prms__cam__{c}", r["norm_pred"])
+        results.append(r)
+        counts.append(len(words))
+        hitm_x_nsent.append(r["hitm"] * len(words))
+    check(golden, "s1_prms__clip_scores", scores)
+    np.testing.assert_array_equal(hitm_x_nsent, npz["s1_prms__hitm_x_nsent"])
+    summary = tris.summarize(results, counts)
+    for name in ("oIoU", "mIoU", "hit"):
+        check(golden, f"s1_prms__{name}", summary[name])
+
+
+def test_schedules(golden):
+    """LambdaLR (1 − t/(len·epochs))^0.9: stage 1 after its first iteration; stage 2 stepped per epoch (not in the
+    step: the golden's one batch ran at the full rate)."""
+    args = golden["manifest"]["stage1_train"]
+    lrs = golden["npz"]["s1_train__lr_step1_groups"]
+    after = lrs * tris.lr_factor(1, args["n_batches_per_epoch"], args["epoch"])
+    np.testing.assert_array_equal(after, golden["npz"]["s1_train__lr_after_scheduler_step_groups"])
+    assert tris.lr_factor(0, 2, 15) == 1.0
+
+
 def vitb32(golden):
     state = entries(golden["npz"], "vitb32__")
     config = tris.clip_config_from_state_dict(state, prefix="")
@@ -306,6 +342,9 @@ def test_stage1_training_step(golden):
         ours = taps[name] if perm is None else np.transpose(taps[name], perm)
         check(golden, f"s1_train__{name}", ours)
     check(golden, "s1_train__clip_similarity", np.reshape(taps["clip_similarity"], (-1, 1, 1)))
+    neg_ids = golden["npz"]["s1_train__batch_neg_word_ids"]
+    for i in range(neg_ids.shape[0]):
+        check(golden, f"s1_train__vit_text_hidden_neg__{i}", vit.encode_text(tf.constant(neg_ids[i]))[1])
     log.info("stage-1 loss %.6f (golden %.6f)", float(loss), float(golden["npz"]["s1_train__loss"]))
     optimizer = optimizer_for(model, 1, golden)
     variables = {k: v for group, _ in optimizer.groups for k, v in group.items()}
@@ -414,3 +453,34 @@ def test_tokenizer_split_and_truncation_from_stored_ids(golden):
         reduced = [0 if t == 0 else 510 if t == clip_bpe.SOT_ID else 511 if t == clip_bpe.EOT_ID else 1 + t % 509
                    for t in npz[f"tok__ids20__{i}"]]
         np.testing.assert_array_equal(reduced, npz[f"tok__ids20_reduced__{i}"])
+
+
+# --------------------------------------------------------------------------------------------- converter
+def test_converter_writes_a_checkpoint_that_restores(golden, tmp_path):
+    from external import convert_tris
+    src = golden["folder"] / "tris_stage1_checkpoint.pth"
+    assert convert_tris.main([str(src), str(tmp_path / "s1")]) == 0
+    state = tris.model_state_dict(load_pth(src))
+    model = tris.TRISStage1(tris.clip_config_from_state_dict(state), hidden_dim=state["vis_project.weight"].shape[0])
+    tf.train.Checkpoint(model=model).read(str(tmp_path / "s1")).assert_existing_objects_matched()
+    for key, var in model.state_dict_variables().items():
+        np.testing.assert_array_equal(var.numpy(), state[key], err_msg=key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.data-00000-of-00001", "s1.index"]
+
+
+def test_converter_refuses_bad_input_in_one_line(golden, tmp_path, caplog):
+    from external import convert_tris
+    malicious, other = tmp_path / "evil.pth", tmp_path / "other.pth"
+    with zipfile.ZipFile(malicious, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps(os.system, protocol=2))
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("other/data.pkl", pickle.dumps({"epoch": 3}, protocol=2))
+    cases = {malicious: f"{malicious}: refusing to unpickle posix.system", tmp_path / "none.pth": "no such file",
+             golden["folder"] / "README.md": "not a zip-format .pth",
+             other: f"{other}: not a TRIS checkpoint (a dict with 'model', or a state_dict); top level: ['epoch']"}
+    for src, message in cases.items():
+        caplog.clear()
+        assert convert_tris.main([str(src), str(tmp_path / "out")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], errors
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
