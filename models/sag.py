@@ -48,6 +48,7 @@ AUGREG_S16_384_URL = ("https://storage.googleapis.com/vit_models/augreg/S_16-i21
 LAYER_NORM_EPS = vit.TORCH_LAYER_NORM_EPS
 SLOT_RENORM_EPS = 1e-7         # model/attention.Attention: attn / (attn.sum(-1) + 1e-7) for the slot type
 L2_EPS = 1e-12                 # F.normalize
+CMA_FF_MULT = 4                # TransformerLayer's ff_mult default (--agg_ff_mult does not reach the cma)
 BERT_BASE = dict(vocab_size=30522, hidden=768, layers=12, heads=12, intermediate=3072, max_positions=512,
                  type_vocab_size=2, dropout_rate=0.1)
 
@@ -335,7 +336,7 @@ class SaG(vit.TorchModule):
         config = dict(BERT_BASE if bert_config is None else bert_config)
         self.bert = self.add_module(bert.BertModel(txt + "bert.", rng, generator=self.generator, **config))
         self.txt_linear = self.add_module(Linear(txt + "linear.", config["hidden"], embed_dim, rng))
-        self.cma = self.add_module(CrossModalAttention("cma.", embed_dim, cma_heads, cma_dim_head, ff_mult, rng,
+        self.cma = self.add_module(CrossModalAttention("cma.", embed_dim, cma_heads, cma_dim_head, CMA_FF_MULT, rng,
                                                        dropout, self.generator))
         self.decoder = self.add_module(MlpDecoder("decoder.", embed_dim, vit_dim, rng))
 

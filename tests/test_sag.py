@@ -505,3 +505,39 @@ def test_checkpoint_with_another_pickled_object_is_refused(tmp_path):
     with pytest.raises(PthError) as err:
         load_pth(path)
     assert str(err.value) == f"{path}: refusing to unpickle datetime.date (only tensors and containers are allowed)"
+
+
+def test_convert_sag_checkpoint_to_tf2(golden, tmp_path, caplog):
+    from external.convert_sag import main, sag_sizes
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "ckpt" / "sag"
+    assert main([str(golden["folder"] / "ckpt_epoch0.pth.tar"), str(out), "--vit-heads", "4", "--bert-heads",
+                 "4"]) == 0
+    assert "278 state_dict keys, 416857 parameters" in caplog.messages
+    ckpt = load_pth(golden["folder"] / "ckpt_epoch0.pth.tar")
+    sizes = sag_sizes(ckpt["model"], ckpt["args"], 4, 4)
+    expected = dict(GOLDEN_CONFIG, construction_size=480, agg_depth=6, cross_heads=4, latent_heads=4, ff_mult=4.0,
+                    cma_heads=4, n_cls=1000)
+    expected = {k: v for k, v in expected.items() if k not in ("vit_drop_path_rate", "dropout")}
+    expected["bert_config"] = {k: v for k, v in GOLDEN_CONFIG["bert_config"].items() if k != "dropout_rate"}
+    assert sizes == expected
+    model = sag.SaG(**GOLDEN_CONFIG, seed=5)
+    tf.train.Checkpoint(model=model).read(str(out)).assert_existing_objects_matched()
+    for key, var in model.distinct_variables().items():
+        assert np.array_equal(var.numpy(), golden["npz"][f"after_step1__param__{key}"]), key
+
+
+def test_convert_sag_errors_are_one_line(golden, tmp_path, caplog):
+    from external.convert_sag import main
+    evil = tmp_path / "evil.pth.tar"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps({"model": {}, "x": logging.Logger}, protocol=2))
+    cases = {str(tmp_path / "none.pth.tar"): "no such file; SaG's train_cma_recon.py writes",
+             str(evil): "refusing to unpickle logging.Logger",
+             str(golden["folder"] / "ckpt_epoch0.pth.tar"): "ViT width 64 is not divisible by 6 heads"}
+    for src, text in cases.items():
+        caplog.clear()
+        assert main([src, str(tmp_path / "out")]) == 2
+        assert len(caplog.messages) == 1 and "\n" not in caplog.messages[0]
+        assert caplog.messages[0].startswith(f"error: {src}: ") and text in caplog.messages[0], caplog.messages
+    assert not list(tmp_path.glob("out*"))
