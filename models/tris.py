@@ -190,12 +190,10 @@ class TRISStage1(vit.TorchModule):
 
     @classmethod
     def from_state_dict(cls, state_dict, source="state_dict"):
-        """The stage-1 model a state_dict describes (CLIP config from its keys, h from ``vis_project``), loaded
-        strictly."""
-        if "vis_project.weight" not in state_dict:
-            raise ValueError(f"{source}: not a TRIS stage-1 state_dict (no vis_project.weight)")
-        model = cls(clip_config_from_state_dict(state_dict, source=source),
-                    hidden_dim=np.shape(state_dict["vis_project.weight"])[0])
+        """The stage-1 model a state_dict describes (CLIP config from its keys, h from ``vis_project``, else the
+        default), loaded strictly: another state_dict fails in one line naming its missing and unexpected keys."""
+        hidden = np.shape(state_dict["vis_project.weight"])[0] if "vis_project.weight" in state_dict else HIDDEN_DIM
+        model = cls(clip_config_from_state_dict(state_dict, source=source), hidden_dim=hidden)
         model.load_state_dict(state_dict, source)
         return model
 
@@ -378,11 +376,11 @@ class TRISStage2(vit.TorchModule):
     @classmethod
     def from_state_dict(cls, state_dict, source="state_dict"):
         """The stage-2 model a state_dict describes (CLIP config from its keys, decoder widths from
-        ``reduced_c1``), loaded strictly."""
-        if "reduced_c1.conv.weight" not in state_dict:
-            raise ValueError(f"{source}: not a TRIS stage-2 state_dict (no reduced_c1.conv.weight)")
+        ``reduced_c1``, else full size), loaded strictly: another state_dict fails in one line naming its missing
+        and unexpected keys."""
+        reduced = state_dict.get("reduced_c1.conv.weight")
         model = cls(clip_config_from_state_dict(state_dict, source=source),
-                    decoder_div=64 // np.shape(state_dict["reduced_c1.conv.weight"])[0])
+                    decoder_div=1 if reduced is None else 64 // np.shape(reduced)[0])
         model.load_state_dict(state_dict, source)
         return model
 

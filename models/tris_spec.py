@@ -1,0 +1,193 @@
+"""Registry entry for TRIS (``models.tris``): ``-n TRIS_stage1`` / ``-n TRIS_stage2`` for ``-m test`` (and the demo /
+export paths that go through a spec) straight from a TRIS ``.pth`` or from our converted TF2 checkpoint.
+
+The interface is ``models.ReSTRSpec``'s. Evaluation follows ``validate.validate`` per sample of our eval ``.npz``
+files: the original-size RGB image is stretched to S×S with PIL bilinear (what torchvision's ``F.resize`` does to a
+PIL image; antialiased when shrinking; ImageNet normalisation), the raw sentence (``sent_batch``) is tokenized with
+CLIP's BPE (``util.clip_bpe``, the merges file ``bpe_file``) and cut to 20 ids, the map goes back to the original
+size with bilinear align_corners True, / (max + 1e-5), mask = > 1e-9 (stage 1: any positive response; stage 2:
+logits > 0 and, as coded, a map whose maximum is negative flips sign). The predictor also keeps TRIS's own
+per-sentence results (I, U, PointM; Hit needs the ground-truth box, which our ``.npz`` samples do not carry) in
+``predict.tris_results`` for ``tris.summarize``.
+
+Training through the generic loop is not wired: stage 1 needs in-batch texts, negatives and the frozen CLIP ViT-B/32
+(``tris.stage1_losses``), stage 2 IRNet pseudo masks (``tris.stage2_losses``); ``losses`` says so in one line.
+"""
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger("models")
+RANDOM_INIT = "random"
+BPE_FILE_ENV = "REFSEG_CLIP_BPE"
+DEFAULT_BPE_FILE = "./data/bpe_simple_vocab_16e6.txt.gz"
+
+
+def stretch_rgb(rgb_uint8, size):
+    """``dataset/transform.py``'s ``F.resize(PIL image, (size, size))``: PIL bilinear stretch (aspect not kept,
+    antialiased when shrinking, uint8 result) of one RGB image [H, W, 3] → [size, size, 3] uint8."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.asarray(rgb_uint8, np.uint8)).resize((size, size), Image.BILINEAR))
+
+
+class TRISSpec:
+    """TRIS stage 1 or stage 2 (``models.tris``): the original's evaluation (``validate.validate``), its
+    ``.pth`` checkpoints and our TF2 snapshots. ``defaults``: a ``models.Defaults`` (TRIS: 15 epochs, lr 5e-5,
+    batch 48, size 320)."""
+    log_loss = "loss"
+    supports_crf = False
+    exportable = True
+
+    def __init__(self, name, defaults, stage, bpe_file=None):
+        self.name, self.defaults, self.stage = name, defaults, stage
+        self.bpe_file = bpe_file or os.environ.get(BPE_FILE_ENV, DEFAULT_BPE_FILE)
+        self.score_key = self.probability_key = "output"
+
+    def _model_class(self):
+        from models import tris
+
+        return tris.TRISStage1 if self.stage == 1 else tris.TRISStage2
+
+    def needs_embedding(self, emb):
+        return False
+
+    def embedding_file(self, dataset, emb):
+        return None
+
+    def default_init_weights(self, weights):
+        return RANDOM_INIT
+
+    def default_snapshot_folder(self, batch_root, dataset):
+        return None
+
+    def snapshot_name(self, dataset, weights):
+        return f"{dataset}_iter"
+
+    def snapshot_candidates(self, folder, dataset, weights, iteration):
+        """Our ``<dataset>_iter_<N>``, then TRIS's released name ``stage<k>_<dataset>.pth``."""
+        return [os.path.join(folder, f"{dataset}_iter_{iteration}"),
+                os.path.join(folder, f"stage{self.stage}_{dataset}.pth")]
+
+    def build(self, vocab_size=None, embedding=None, image_size=320, weights=None, seed=0):
+        """The full-size model (CLIP RN50, h 1024); CLIP weights zero until loaded, heads with torch's default
+        initialisers from ``seed``."""
+        model = self._model_class()(rng=np.random.default_rng(seed))
+        model.model_name = self.name
+        return model
+
+    def initialize(self, model, path, seed):
+        """``random``: keep the built values; else a ``.pth`` TRIS checkpoint of this stage (all weights, strict)."""
+        if path == RANDOM_INIT:
+            log.info("Keeping the initial TRIS weights (seed %d): no pretrained weights", seed)
+            return
+        self.restore(model, path)
+
+    def _state_dict(self, path):
+        from models import tris
+        from util.pth import load_pth
+
+        return tris.model_state_dict(load_pth(path), path)
+
+    def restore(self, model, path, optimizer=None):
+        """Our TF2 snapshot (with the optimizer), or a TRIS ``.pth`` (weights only, strict)."""
+        from util.snapshots import restore_model
+
+        if path.endswith(".pth"):
+            model.load_state_dict(self._state_dict(path), path)
+            return {"format": "pth"}
+        return restore_model(model, path, optimizer)
+
+    def find_snapshot(self, candidates):
+        from util.checkpoints import checkpoint_exists
+
+        for path in candidates:
+            if (os.path.isfile(path) if path.endswith(".pth") else checkpoint_exists(path)):
+                return path
+        raise FileNotFoundError("snapshot not found; looked for " + ", ".join(
+            c if c.endswith(".pth") else f"{c}.index" for c in candidates))
+
+    def load_trained(self, path, cfg):
+        """A ``.pth`` builds the model its tensors describe (strict; a checkpoint of the other stage is refused in
+        one line naming its keys); our snapshot needs the full-size model of this entry."""
+        if path.endswith(".pth"):
+            model = self._model_class().from_state_dict(self._state_dict(path), path)
+        else:
+            model = self.build(seed=getattr(cfg, "seed", 0))
+            self.restore(model, path)
+        model.model_name = self.name
+        return model
+
+    def input_numpy(self, rgb_uint8):
+        """ImageNet normalisation of uint8 RGB (already at the network size), float32."""
+        from models import tris
+
+        return tris.preprocess(np.asarray(rgb_uint8)).numpy()
+
+    def display_rgb(self, network_input):
+        from models import tris
+
+        return np.clip((np.asarray(network_input, np.float64) * tris.IMAGENET_STD + tris.IMAGENET_MEAN) * 255, 0, 255)
+
+    def forward(self, model, images, words, training=False):
+        return model(images, words, training=training)
+
+    def backbone(self, model, images):
+        """c4 of the CLIP RN50 (the attention pool is skipped)."""
+        return model.backbone.encode_image(images, attnpool=False)[3]
+
+    def losses(self, model):
+        raise NotImplementedError(f"{self.name}: training through -m train is not wired (stage 1 needs in-batch texts, "
+                                  "negatives and the frozen CLIP ViT-B/32, stage 2 IRNet pseudo masks); see "
+                                  "models.tris.stage1_losses / stage2_losses")
+
+    def probability(self, values):
+        return np.asarray(values, np.float64)
+
+    def tokenizer(self):
+        from util import clip_bpe
+
+        return clip_bpe.ClipTokenizer(self.bpe_file)
+
+    def serving_input(self, image, image_size):
+        """One uint8 RGB image [H, W, 3] → (network input [1, S, S, 3], the stretched image as uint8 [S, S, 3]).
+        TF's antialiased bilinear stands in for PIL's inside a graph (within 1 grey level of it, rounded)."""
+        from models import tris
+
+        resized = tf.image.resize(tf.cast(image[None], tf.float32), (image_size, image_size), method="bilinear",
+                                  antialias=True)
+        display = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        return tris.preprocess(display), display[0]
+
+    def serving_output(self, outputs, height, width):
+        """The evaluation's mask at height × width (uint8) and the max-normalised map at S×S."""
+        from util.torch_image import resize_bilinear_align_corners
+        from models import tris
+
+        pred = resize_bilinear_align_corners(outputs, (height, width))[0, :, :, 0]
+        pred = pred / (tf.reduce_max(pred) + 1e-5)
+        return tf.cast(pred > tris.EVAL_THRESHOLD, tf.uint8), (outputs / (tf.reduce_max(outputs) + 1e-5))[0, :, :, 0]
+
+    def predictor(self, model, image_size, dcrf):
+        """fn(samples) → [(mask, None)]: ``validate.validate`` per sample (see the module docstring); the TRIS
+        per-sentence results accumulate in ``predict.tris_results``."""
+        from models import tris
+        from util import clip_bpe, data
+
+        tokenizer = self.tokenizer()
+        forward = tf.function(lambda images, ids: model(images, ids))
+
+        def predict(samples):
+            out = []
+            for s in samples:
+                images = tris.preprocess(stretch_rgb(s["im_batch"], image_size)[None])
+                ids = clip_bpe.tris_ids(tokenizer.tokenize(data.sentence_of(s)))
+                output = forward(images, tf.constant([ids], tf.int32)).numpy()[0, :, :, 0]
+                result = tris.evaluate_sentence(output, s["mask_batch"] > 0, np.zeros((0, 4)))
+                predict.tris_results.append(result)
+                out.append((result["hard_pred"].astype(bool), None))
+            return out
+        predict.tris_results = []
+        return predict
