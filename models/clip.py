@@ -39,20 +39,16 @@ def _zeros(shape):
 
 
 class Linear(vit.Linear):
-    """``nn.Linear(d_in, d_out[, bias])``: weight [out, in], y = x·Wᵀ + b over the last axis. Initial values: zeros,
-    or torch's default (U(±1/√d_in) for weight and bias, kaiming_uniform(a=√5)) from ``rng``."""
+    """``nn.Linear(d_in, d_out)``: weight [out, in], y = x·Wᵀ + b over the last axis (``vit.Linear``'s forward).
+    Initial values: zeros, or torch's default (U(±1/√d_in) for weight and bias, kaiming_uniform(a=√5)) from
+    ``rng`` — not ``vit.Linear``'s ReSTR initialiser."""
 
-    def __init__(self, prefix, d_in, d_out, rng=None, bias=True):  # noqa: D107 (vit.Linear's init replaced)
+    def __init__(self, prefix, d_in, d_out, rng=None):
         vit.TorchModule.__init__(self, prefix)
         bound = 1.0 / np.sqrt(d_in)
         init = (lambda shape: rng.uniform(-bound, bound, shape).astype(np.float32)) if rng is not None else _zeros
         self.weight = self.add_parameter("weight", init((d_out, d_in)))
-        self.bias = self.add_parameter("bias", init((d_out,))) if bias else None
-
-    def __call__(self, x):
-        if self.bias is not None:
-            return super().__call__(x)
-        return tf.tensordot(x, tf.transpose(self.weight), axes=1)
+        self.bias = self.add_parameter("bias", init((d_out,)))
 
 
 class Conv2d(vit.TorchModule):

@@ -21,7 +21,6 @@ import tensorflow as tf
 from models import clip, tris
 from util import adamw, clip_bpe
 from util.pth import load_pth
-from util.torch_image import resize_nearest
 
 log = logging.getLogger(__name__)
 
@@ -368,13 +367,6 @@ def test_stage2_training_step(golden):
     log.info("stage-2 step, worst relative errors %s", check_step(golden, 2, model, optimizer))
 
 
-def test_stage2_target_resize_is_nearest(golden):
-    """The pseudo masks reach stage 2 at S×S by torch nearest; the golden batch is already at 96, so this only
-    checks that resizing it to its own size changes nothing (the ``resize_nearest`` identity case)."""
-    target = nhwc(golden["npz"]["s2_train__batch_pseudo_gt"]).astype(np.float32)
-    np.testing.assert_array_equal(resize_nearest(target, (96, 96)), target)
-
-
 # --------------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("stage", [1, 2])
 def test_checkpoint_loads_without_torch(golden, stage):
@@ -453,6 +445,27 @@ def test_tokenizer_split_and_truncation_from_stored_ids(golden):
         reduced = [0 if t == 0 else 510 if t == clip_bpe.SOT_ID else 511 if t == clip_bpe.EOT_ID else 1 + t % 509
                    for t in npz[f"tok__ids20__{i}"]]
         np.testing.assert_array_equal(reduced, npz[f"tok__ids20_reduced__{i}"])
+
+
+def test_head_initialisers_are_torch_defaults(golden):
+    """Heads built with an ``rng`` draw torch's defaults: conv/linear weights and biases U(±1/√fan_in), norms 1/0,
+    PReLU 0.25; the CLIP backbone stays zero until loaded."""
+    config = tris.clip_config_from_state_dict(init_state(golden, 1))
+    rng = np.random.default_rng(0)
+    for model in (tris.TRISStage1(config, hidden_dim=32, rng=rng), tris.TRISStage2(config, decoder_div=16, rng=rng)):
+        for key, var in model.state_dict_variables().items():
+            value = var.numpy()
+            if key.startswith("backbone.") or not var.trainable:
+                continue
+            if key.endswith("relu.weight"):
+                assert np.all(value == 0.25), key
+            elif value.ndim == 1 and any(n in key for n in (".ins_", ".bn.", "_proj1.1", "_proj2.1", "_proj3.1",
+                                                             "v_output.1")):
+                assert np.all(value == (1.0 if key.endswith("weight") else 0.0)), key
+            elif key != "logit_scale":
+                weight = model.state_dict_variables()[key.rsplit(".", 1)[0] + ".weight"].numpy()
+                bound = 1.0 / np.sqrt(np.prod(weight.shape[1:]))
+                assert 0 < np.max(np.abs(value)) <= bound, key
 
 
 # --------------------------------------------------------------------------------------------- converter
