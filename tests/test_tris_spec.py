@@ -73,3 +73,23 @@ def test_load_trained_from_pth_is_strict_per_stage(golden):
     assert "unexpected keys attention2.Wk.weight" in message and "\n" not in message
     candidates = TRISSpec("TRIS_stage2", None, 2).snapshot_candidates("weights", "refcoco", None, 0)
     assert candidates[1] == "weights/stage2_refcoco.pth"
+
+
+def test_serving_path_matches_the_evaluation(golden):
+    """The export path (graph ops only): the stretch within 1 grey level of PIL's, and the same mask as the
+    evaluation when given the same network input."""
+    import tensorflow as tf
+
+    npz = golden["npz"]
+    state = {k[len("s1_init__"):]: v for k, v in npz.items() if k.startswith("s1_init__")}
+    model = tris.TRISStage1.from_state_dict(state, "golden init")
+    spec = TRISSpec("TRIS_stage1", None, 1)
+    image = npz["input__image_uint8__0"]
+    network_input, display = spec.serving_input(tf.constant(image), 96)
+    assert np.max(np.abs(display.numpy().astype(int) - stretch_rgb(image, 96).astype(int))) <= 1
+    exact_input = tris.preprocess(stretch_rgb(image, 96)[None])
+    output = model(exact_input, tf.constant(npz["input__val_word_ids__0"][:, :1].T))
+    mask, prob = spec.serving_output(output, *image.shape[:2])
+    np.testing.assert_array_equal(mask.numpy(), npz["s1_val__hard_pred__0"])
+    assert prob.shape == (96, 96) and float(tf.reduce_max(prob)) < 1.0
+    assert network_input.shape == (1, 96, 96, 3)
