@@ -8,7 +8,7 @@ CLIP's BPE (``util.clip_bpe``, the merges file ``bpe_file``) and cut to 20 ids, 
 size with bilinear align_corners True, / (max + 1e-5), mask = > 1e-9 (stage 1: any positive response; stage 2:
 logits > 0 and, as coded, a map whose maximum is negative flips sign). The predictor also keeps TRIS's own
 per-sentence results (I, U, PointM; Hit needs the ground-truth box, which our ``.npz`` samples do not carry) in
-``predict.tris_results`` for ``tris.summarize``.
+``predict.tris_results`` / ``spec.last_results`` for ``tris.summarize``.
 
 Training through the generic loop is not wired: stage 1 needs in-batch texts, negatives and the frozen CLIP ViT-B/32
 (``tris.stage1_losses``), stage 2 IRNet pseudo masks (``tris.stage2_losses``); ``losses`` says so in one line.
@@ -23,6 +23,7 @@ log = logging.getLogger("models")
 RANDOM_INIT = "random"
 BPE_FILE_ENV = "REFSEG_CLIP_BPE"
 DEFAULT_BPE_FILE = "./data/bpe_simple_vocab_16e6.txt.gz"
+RELEASE_NAMES = {"unc": "refcoco", "unc+": "refcoco+", "Gref": "refcocog_google", "referit": "referit"}
 
 
 def stretch_rgb(rgb_uint8, size):
@@ -67,9 +68,10 @@ class TRISSpec:
         return f"{dataset}_iter"
 
     def snapshot_candidates(self, folder, dataset, weights, iteration):
-        """Our ``<dataset>_iter_<N>``, then TRIS's released name ``stage<k>_<dataset>.pth``."""
+        """Our ``<dataset>_iter_<N>``, then TRIS's released name ``stage<k>_<name>.pth`` (``unc`` → refcoco,
+        ``unc+`` → refcoco+, ``Gref`` → refcocog_google, ``referit``; refcocog_umd has no dataset here)."""
         return [os.path.join(folder, f"{dataset}_iter_{iteration}"),
-                os.path.join(folder, f"stage{self.stage}_{dataset}.pth")]
+                os.path.join(folder, f"stage{self.stage}_{RELEASE_NAMES.get(dataset, dataset)}.pth")]
 
     def build(self, vocab_size=None, embedding=None, image_size=320, weights=None, seed=0):
         """The full-size model (CLIP RN50, h 1024); CLIP weights zero until loaded, heads with torch's default
@@ -172,7 +174,8 @@ class TRISSpec:
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: ``validate.validate`` per sample (see the module docstring); the TRIS
-        per-sentence results accumulate in ``predict.tris_results``."""
+        per-sentence results accumulate in ``predict.tris_results``, also reachable as ``self.last_results`` (for
+        ``tris.summarize`` after ``util.evaluate.evaluate``, which builds the predictor itself)."""
         from models import tris
         from util import clip_bpe, data
 
@@ -189,5 +192,5 @@ class TRISSpec:
                 predict.tris_results.append(result)
                 out.append((result["hard_pred"].astype(bool), None))
             return out
-        predict.tris_results = []
+        predict.tris_results = self.last_results = []
         return predict

@@ -58,7 +58,8 @@ def test_predictor_gives_the_original_evaluation(golden, monkeypatch):
         assert predict.tris_results[j]["I"] == npz[f"s1_val__I__{j}"]
         assert predict.tris_results[j]["U"] == npz[f"s1_val__U__{j}"]
         assert predict.tris_results[j]["hitm"] == npz[f"s1_val__hitm__{j}"]
-    summary = tris.summarize(predict.tris_results)
+    assert spec.last_results is predict.tris_results
+    summary = tris.summarize(spec.last_results)
     assert abs(summary["mIoU"] - npz["s1_val__mIoU"]) <= 1e-4 * abs(npz["s1_val__mIoU"])
 
 
@@ -71,8 +72,8 @@ def test_load_trained_from_pth_is_strict_per_stage(golden):
     message = str(info.value)
     assert message.startswith(f"{path}: not a TRIS stage-1 state_dict: missing keys logit_scale, vis_project.weight")
     assert "unexpected keys attention2.Wk.weight" in message and "\n" not in message
-    candidates = TRISSpec("TRIS_stage2", None, 2).snapshot_candidates("weights", "refcoco", None, 0)
-    assert candidates[1] == "weights/stage2_refcoco.pth"
+    candidates = TRISSpec("TRIS_stage2", None, 2).snapshot_candidates("weights", "unc", None, 0)
+    assert candidates == ["weights/unc_iter_0", "weights/stage2_refcoco.pth"]
 
 
 def test_serving_path_matches_the_evaluation(golden):
