@@ -492,8 +492,9 @@ def meter_average(values):
 
 def warmup_scale(total_iter, warmup_iter=WARMUP_ITER):
     """``train_cma_recon.train``'s "warm-up": the LOSS (not the lr) is multiplied by total_iter/warmup_iter while
-    total_iter (1, 2, …) < warmup_iter, else 1."""
-    return float(total_iter) / warmup_iter if total_iter < warmup_iter else 1.0
+    total_iter (1, 2, …) < warmup_iter, else 1 — float32 of the float64 ratio (a Python int or a tensor)."""
+    t = tf.cast(total_iter, tf.float64)
+    return tf.cast(tf.where(t < warmup_iter, t / warmup_iter, tf.constant(1.0, tf.float64)), tf.float32)
 
 
 def cosine_table(base_lr, t_max, warmup_iter=WARMUP_ITER, num_steps=None):
@@ -546,11 +547,14 @@ def clip_by_global_norm(grads, max_norm=GRAD_CLIP):
     return {k: g * coef for k, g in present.items()}, total
 
 
-def train_step(model, optimizer, images, ids, slot_noise, total_iter, warmup_iter=WARMUP_ITER,
+def train_step(model, optimizer, images, ids, slot_noise, total_iter=None, warmup_iter=WARMUP_ITER,
                recon_weight=RECON_WEIGHT, grad_clip=GRAD_CLIP):
-    """One iteration of ``train_cma_recon.train`` (total_iter counts from 1): training-mode forward, ``losses``,
-    the loss scaled by ``warmup_scale``, gradients, ``clip_by_global_norm``, one AdamW update. Returns
-    {loss_cm, loss_recon, loss, loss_backward, grad_total_norm, grads (clipped), lrs (the groups' lr used)}."""
+    """One iteration of ``train_cma_recon.train``: training-mode forward, ``losses``, the loss scaled by
+    ``warmup_scale(total_iter)`` (total_iter counts from 1; default: the optimizer's update count + 1, which a
+    resumed snapshot keeps), gradients, ``clip_by_global_norm``, one AdamW update. Works eagerly and in a
+    ``tf.function``. Returns {loss_cm, loss_recon, loss, loss_backward, grad_total_norm, grads (clipped), lrs (the
+    groups' lr used)}."""
+    total_iter = optimizer.step + 1 if total_iter is None else total_iter
     groups = [variables for variables, _ in optimizer.groups]
     names = [k for variables in groups for k in variables]
     variables = [v for g in groups for v in g.values()]

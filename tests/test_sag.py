@@ -265,7 +265,7 @@ def train_run(golden):
     images, ids = nhwc(npz["train__input_image"]), npz["train__input_txt"]
     steps = {}
     for k in (1, 2):
-        result = sag.train_step(model, optimizer, images, ids, npz[f"train_step{k}__slot_noise"], total_iter=k,
+        result = sag.train_step(model, optimizer, images, ids, npz[f"train_step{k}__slot_noise"],
                                 warmup_iter=GOLDEN_WARMUP)
         result["params"] = {n: v.numpy() for n, v in model.distinct_variables().items()}
         result["exp_avg"] = {n: v.numpy() for n, v in optimizer.exp_avg.items()}
@@ -471,7 +471,8 @@ def test_padding_row_and_absent_words(golden, train_run):
 
 def test_schedule_and_warmup():
     """Loss scaling below the warm-up, constant lr until iteration warmup_iter, then torch's recursive cosine."""
-    assert [sag.warmup_scale(t, 4) for t in (1, 2, 3, 4, 5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [float(sag.warmup_scale(t, 4)) for t in (1, 2, 3, 4, 5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert float(sag.warmup_scale(tf.constant(3, tf.int64), 5000)) == float(np.float32(3 / 5000))
     table = sag.cosine_table(1.0, 20, warmup_iter=5)
     closed = [(1 + np.cos(np.pi * max(0, t + 1 - 5) / 20)) / 2 for t in range(20)]
     assert np.all(table[:5] == 1.0)
