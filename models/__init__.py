@@ -228,6 +228,21 @@ class TF1Spec:
         return values
 
     # --- evaluation ------------------------------------------------------------------------------------------------
+    def serving_input(self, image, image_size):
+        """In-graph ``util.evaluate.prepare`` of one uint8 RGB image [H, W, 3] (any size): (network input
+        [1, S, S, 3], the resized zero-padded uint8 image [S, S, 3]) (``util.export.in_graph_preprocess``)."""
+        from util.export import in_graph_network_input, in_graph_preprocess
+
+        padded = in_graph_preprocess(image, image_size)
+        return in_graph_network_input(padded)[None], padded
+
+    def serving_output(self, outputs, height, width):
+        """In-graph ``util.evaluate.predict_masks`` without DenseCRF: (mask uint8 [height, width], the sigmoid map
+        [S, S] DenseCRF would refine)."""
+        from util.export import in_graph_mask
+
+        return in_graph_mask(outputs["up"][0, :, :, 0], height, width), outputs["sigm"][0, :, :, 0]
+
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(prediction, DenseCRF prediction or None)] at each sample's original size (nonzero =
         foreground): the originals' test loop, the batch's padded S×S images in one forward."""
@@ -261,7 +276,7 @@ class ReSTRSpec:
     score_key = "pixel_pred"
     probability_key = "pixel_pred"
     supports_crf = False
-    exportable = False
+    exportable = True
 
     def __init__(self, name, defaults, sizes, init_weights):
         self.name, self.defaults, self.sizes, self.init_weights = name, defaults, dict(sizes), init_weights
@@ -396,6 +411,25 @@ class ReSTRSpec:
 
     def probability(self, values):
         return 1.0 / (1.0 + np.exp(-np.asarray(values, np.float64)))
+
+    def serving_input(self, image, image_size):
+        """``restr.eval_input`` of one uint8 RGB image [H, W, 3] of any size: (network input [1, S, S, 3], the
+        resized image as uint8 RGB [S, S, 3], grey where padded — what the network saw)."""
+        from models import restr
+
+        network_input = tf.ensure_shape(restr.eval_input(image[None], image_size), [1, image_size, image_size, 3])
+        display = tf.round(network_input[0] * restr.IMAGE_STD + restr.IMAGE_MEAN)
+        return network_input, tf.cast(tf.clip_by_value(display, 0, 255), tf.uint8)
+
+    def serving_output(self, outputs, height, width):
+        """``restr.eval_output``'s mask (resized logits ≥ 1e-9) as uint8 [height, width], and the pixel sigmoid
+        [S, S]."""
+        from models import restr
+        from util.torch_image import resize_and_crop
+
+        logits = outputs["pixel_pred"]
+        mask = resize_and_crop(logits, height, width)[0, :, :, 0] >= restr.EVAL_THRESHOLD
+        return tf.cast(mask, tf.uint8), tf.sigmoid(logits)[0, :, :, 0]
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: the original evaluation, one image at a time at its own size."""

@@ -51,8 +51,19 @@ EVAL_THRESHOLD = 1e-9          # eval/evaluate.py's --threshold (training-time v
 DECODER_LEAKY_SLOPE = 0.01     # nn.LeakyReLU default
 
 
+# (v − 127.5) / 127.5 in float32 for every uint8 value v, rounded once as torch computes it
+_UINT8_NORMALISED = (np.arange(256, dtype=np.float32) - np.float32(IMAGE_MEAN)) / np.float32(IMAGE_STD)
+
+
 def preprocess(images):
-    """``ReferDataSet_vit``'s normalisation: RGB [B, H, W, 3] (uint8 or float) → (x − 127.5) / 127.5, float32."""
+    """``ReferDataSet_vit``'s normalisation: RGB [B, H, W, 3] (uint8 or float) → (x − 127.5) / 127.5, float32.
+
+    uint8 images go through a 256-entry table of the correctly rounded quotients: inside a graph TF's optimizer
+    rewrites a division by a constant as a multiplication by its reciprocal (1 ulp apart), so the table keeps the
+    exported SavedModel's input equal to the eager evaluation's bit for bit."""
+    images = tf.convert_to_tensor(images)
+    if images.dtype == tf.uint8:
+        return tf.gather(tf.constant(_UINT8_NORMALISED), tf.cast(images, tf.int32))
     return (tf.cast(images, tf.float32) - IMAGE_MEAN) / IMAGE_STD
 
 

@@ -208,6 +208,44 @@ def test_original_evaluation_post_processing(golden, model):
     assert cum_iou == pytest.approx(float(npz["evalpp__cum_iou"]), rel=1e-6, abs=100.0 * undecided / cum_u)
 
 
+def test_serving_graph_equals_the_original_evaluation(golden, model):
+    """The SavedModel's steps (``ReSTRSpec.serving_input`` / ``serving_output`` in a ``tf.function`` over images of
+    unknown size, as exported) give exactly ``eval_input`` / ``eval_output``'s padded input and mask on the golden
+    cases, and more image shapes (tall, wide, smaller and larger than the frame)."""
+    from models import model_spec
+
+    spec = model_spec("ReSTR_tiny")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    def serve(image):
+        network_input, padded = spec.serving_input(image, 64)
+        outputs = model(network_input, words)
+        mask, probability = spec.serving_output(outputs, tf.shape(image)[0], tf.shape(image)[1])
+        return network_input, padded, mask, probability
+
+    npz = golden["npz"]
+    rng = np.random.default_rng(3)
+    images = [npz[f"evalpp__{case}__orig_image_uint8"] for case in ("case0", "case1")]
+    images += [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((97, 31, 3), (20, 150, 3), (64, 64, 3))]
+    words = tf.constant(npz["evalpp__case0__words"].astype(np.int32))
+    decided_both_ways = 0
+    for image in images:
+        network_input, padded, mask, probability = serve(tf.constant(image))
+        expected_input = restr.eval_input(image[None], 64)
+        np.testing.assert_array_equal(network_input.numpy(), expected_input.numpy())
+        outputs = model(expected_input, words)
+        expected = restr.eval_output(outputs, *image.shape[:2])
+        assert mask.shape == image.shape[:2]
+        np.testing.assert_array_equal(mask.numpy() != 0, expected["mask"].numpy()[0, :, :, 0])
+        # the forward inside a graph (the optimizer's rewrites) vs eagerly: ~1e-5, inside the sigmoid maps' class
+        sigmoid = tf.sigmoid(outputs["pixel_pred"]).numpy()[0, :, :, 0]
+        assert rel_diff(probability, sigmoid) <= tolerance(golden, "evalpp__case0__sigmoid_orig")
+        grey = np.all(expected_input.numpy()[0] == 0, axis=-1)
+        assert grey.any() == (image.shape[0] != image.shape[1]) and (padded.numpy()[grey] == 128).all()
+        decided_both_ways += 0 < mask.numpy().mean() < 1
+    assert decided_both_ways >= 3
+
+
 def test_torch_nearest_resize_is_the_legacy_floor_rule():
     x = tf.reshape(tf.range(5.0), [1, 1, 5, 1])
     assert resize_nearest(x, (1, 7)).numpy().ravel().tolist() == [0, 0, 1, 2, 2, 3, 4]

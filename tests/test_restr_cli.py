@@ -103,6 +103,49 @@ def test_test_mode_from_snapshot_and_from_pth(sample, restr_run, tmp_path):
     assert theirs["without_dcrf"] == ours["without_dcrf"]
 
 
+def test_export_and_demo_give_the_test_loop_masks(sample, restr_run, tmp_path):
+    """``-m export`` of the ReSTR snapshot: the SavedModel's masks equal the test loop's (``predictor``) on every val
+    sample; ``demo.py`` from the snapshot and from the SavedModel writes the same mask."""
+    import tensorflow as tf
+    from PIL import Image
+
+    import demo
+    from models import model_spec
+    from util import data
+    from util.config import RunConfig
+    from util.export import EXPORT_MARKER
+
+    folder, export_dir = restr_run[0], tmp_path / "restr_savedmodel"
+    run(["-m", "export", *common(sample, MODEL, folder), "-i", "40", "--export-dir", str(export_dir)])
+    assert json.loads((export_dir / EXPORT_MARKER).read_text())["model"] == MODEL
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    spec = model_spec(MODEL)
+    cfg = RunConfig(mode="test", model=MODEL, dataset="unc", iteration=40, folder=str(folder), image_size=SIZE,
+                    data_dir=str(sample / "data"))
+    predict = spec.predictor(spec.load_trained(spec.find_snapshot(cfg.snapshot_candidates(40)), cfg), SIZE, False)
+    foreground = total = 0
+    for path in data.batch_files(str(sample / "unc" / "val_batch"), "unc_val"):
+        s = data.load_sample(path)
+        got = serve(image=tf.constant(s["im_batch"]), sentence=tf.constant(data.sentence_of(s)))
+        [(expected, _)] = predict([s])
+        assert got["words"].numpy().tolist() == s["text_batch"].astype(int).tolist()
+        np.testing.assert_array_equal(got["mask"].numpy() != 0, expected != 0)
+        foreground, total = foreground + int(expected.sum()), total + expected.size
+    assert 0 < foreground < total
+
+    image = next((sample / "data" / "coco" / "images").rglob("*.jpg"))
+    masks = []
+    for source, tag in ((["-n", MODEL, "-f", str(folder), "-i", "40"], "snapshot"),
+                        (["--saved-model", str(export_dir)], "savedmodel")):
+        prefix = tmp_path / tag
+        assert demo.main(["--img", str(image), "--text", "the red square on the left", "--img-size", str(SIZE),
+                          "--data-dir", str(sample / "data"), "--out", str(prefix), *source]) == 0
+        masks.append(np.asarray(Image.open(f"{prefix}_mask.png")))
+        assert (tmp_path / f"{tag}_overlay.png").is_file()
+    assert masks[0].shape == np.asarray(Image.open(image)).shape[:2]
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
 def test_restr_command_line_errors_are_one_line(sample, tmp_path):
     proc = run(["-m", "test", "-t", "val", *common(sample, MODEL, tmp_path), "-i", "40", "-c"], check=False)
     assert proc.returncode == 2 and "-c (DenseCRF) is not available for -n ReSTR_tiny" in proc.stderr

@@ -10,6 +10,12 @@ The serving signature ``serving_default(image, sentence)`` takes ``image`` uint8
 * ``padded_image``: uint8 [S, S, 3], the resized and zero-padded RGB image the network saw,
 * ``words``: int32 [T], the token ids.
 
+That is the TF1 models' evaluation. ReSTR's SavedModel (same signature) follows its own evaluation
+(``models.restr.eval_input`` / ``eval_output``, through ``util.torch_image``'s resizes, which take the image's size
+as a tensor here): ``mask`` = resized logits ≥ 1e-9, ``probability`` = the pixel sigmoid on the 480×480 frame,
+``padded_image`` = the image resized with torch's bilinear and padded grey (its 0 after normalisation). The model's
+registry entry supplies these steps (``serving_input`` / ``serving_output``).
+
 Everything the test loop does in Python (``util.evaluate.prepare`` / ``predict_masks``, ``util.text``) is rebuilt
 from TensorFlow ops, so the SavedModel needs no Python code of this repository:
 
@@ -39,11 +45,9 @@ import shutil
 
 import tensorflow as tf
 
-from models import build_model
 from util import data
 from util.evaluate import SCORE_THRESHOLD
 from util.metrics import write_json_atomic
-from util.snapshots import find_snapshot, restore_model
 from util.text import PAD_ID, T_DEFAULT, UNK_ID, load_vocab_dict_from_file
 
 log = logging.getLogger("export")
@@ -148,13 +152,16 @@ def in_graph_mask(up, height, width):
 
 
 class ServingModule(tf.Module):
-    """The exported object: ``serve`` (the signature), ``tokenize`` and ``preprocess_image`` (module doc)."""
+    """The exported object: ``serve`` (the signature), ``tokenize`` and ``preprocess_image`` (module doc). The
+    model's registry entry ``spec`` supplies the in-graph input and output steps (``serving_input``,
+    ``serving_output``) and the forward pass."""
 
-    def __init__(self, model, vocab, image_size, T=T_DEFAULT):
+    def __init__(self, model, vocab, image_size, spec, T=T_DEFAULT):
         super().__init__(name="refseg_serving")
         self.model = model
         self.table = vocab_table(vocab)
         self.image_size = image_size
+        self.spec = spec
         self.T = T
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
@@ -164,19 +171,18 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     def preprocess_image(self, image):
-        """uint8 [S, S, 3]: the resized, zero-padded image."""
-        return in_graph_preprocess(image, self.image_size)
+        """uint8 [S, S, 3]: the resized, padded image the network sees."""
+        return self.spec.serving_input(image, self.image_size)[1]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
                                   tf.TensorSpec([], tf.string, name="sentence")])
     def serve(self, image, sentence):
         """{mask, probability, padded_image, words} of one image and sentence (module doc)."""
         words = in_graph_token_ids(sentence, self.table, self.T)
-        padded = in_graph_preprocess(image, self.image_size)
-        outputs = self.model(in_graph_network_input(padded)[None], words[None])
-        up = outputs["up"][0, :, :, 0]
-        mask = in_graph_mask(up, tf.shape(image)[0], tf.shape(image)[1])
-        return {"mask": mask, "probability": outputs["sigm"][0, :, :, 0], "padded_image": padded, "words": words}
+        network_input, padded = self.spec.serving_input(image, self.image_size)
+        outputs = self.spec.forward(self.model, network_input, words[None])
+        mask, probability = self.spec.serving_output(outputs, tf.shape(image)[0], tf.shape(image)[1])
+        return {"mask": mask, "probability": probability, "padded_image": padded, "words": words}
 
 
 # Written into every SavedModel of ours; ``-m export`` replaces an existing folder only when it holds this file.
@@ -249,14 +255,13 @@ def export(cfg):
     if max(vocab.values()) >= cfg.vocab_size:
         raise ValueError(f"vocabulary file {cfg.vocab_file} has ids up to {max(vocab.values())}, beyond the "
                          f"model's {cfg.vocab_size} embeddings for -d {cfg.dataset}")
-    prefix = find_snapshot(cfg.snapshot_candidates(cfg.iteration))
-    model = build_model(cfg.model, vocab_size=cfg.vocab_size, embedding=cfg.load_embedding(),
-                        image_size=cfg.image_size, weights=cfg.weights, seed=cfg.seed)
-    restore_model(model, prefix)
+    prefix = cfg.spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
+    model = cfg.spec.load_trained(prefix, cfg)
     log.info("restored %s from %s", cfg.model, prefix)
     marker = {"model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size, "snapshot": prefix,
               "vocabulary": cfg.vocab_file}
-    final = save_atomic(ServingModule(model, vocab, cfg.image_size), cfg.export_dir, marker, (cfg.snapshot_folder,))
+    final = save_atomic(ServingModule(model, vocab, cfg.image_size, cfg.spec), cfg.export_dir, marker,
+                        (cfg.snapshot_folder,))
     log.info("wrote SavedModel %s (%s, %d×%d, vocabulary %s)", final, cfg.model, cfg.image_size, cfg.image_size,
              cfg.vocab_file)
     return final

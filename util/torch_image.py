@@ -1,7 +1,11 @@
 """PyTorch's image resampling, exactly, for the PyTorch-descended models (ReSTR).
 
 Every function takes and returns NHWC tensors (``[B, H, W, C]``; numpy arrays are accepted) and names the torch
-call it reproduces. Sizes are Python ints (static shapes), as in the originals.
+call it reproduces. Sizes are Python ints (static shapes), as in the originals; ``resize_and_pad`` and
+``resize_and_crop`` also take images of unknown size and target sizes as scalar tensors (inside a ``tf.function``
+with a ``[None, None, 3]`` signature, as the SavedModel export uses them): their sizes are then computed with the
+same float64 arithmetic in TensorFlow ops (``tf.round`` rounds half to even, as Python's ``round``), so both paths
+give the same sizes.
 
 Contents:
 - ``resize_bilinear``: ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` — also what
@@ -70,6 +74,25 @@ def _rounded_size(h, w, scale):
     return int(round(h * scale)), int(round(w * scale))
 
 
+def _image_hw(images):
+    """(H, W) of [B, H, W, C] ``images``: Python ints when static, else int32 scalar tensors."""
+    h, w = images.shape[1], images.shape[2]
+    if h is None or w is None:
+        shape = tf.shape(images)
+        return shape[1], shape[2]
+    return int(h), int(w)
+
+
+def _fit_size(h, w, input_h, input_w, fit):
+    """(round(h·s), round(w·s)) with s = fit(input_h/h, input_w/w) (fit = min or max): ``_rounded_size`` for
+    Python ints, else the same float64 arithmetic on tensors."""
+    if all(isinstance(v, int) for v in (h, w, input_h, input_w)):
+        return _rounded_size(h, w, fit(input_h / h, input_w / w))
+    h, w, input_h, input_w = (tf.cast(v, tf.float64) for v in (h, w, input_h, input_w))
+    scale = (tf.minimum if fit is min else tf.maximum)(input_h / h, input_w / w)
+    return tf.cast(tf.round(h * scale), tf.int32), tf.cast(tf.round(w * scale), tf.int32)
+
+
 def resize_and_pad(images, input_h, input_w):
     """ReSTR ``utils/torchutils.resize_and_pad``: fit [B, h, w, C] into [B, input_h, input_w, C].
 
@@ -79,16 +102,15 @@ def resize_and_pad(images, input_h, input_w):
     batches were padded black by ``build_batches.py``.
     """
     images = tf.convert_to_tensor(images)
-    h, w = int(images.shape[1]), int(images.shape[2])
-    rh, rw = _rounded_size(h, w, min(input_h / h, input_w / w))
+    rh, rw = _fit_size(*_image_hw(images), input_h, input_w, min)
     top, left = (input_h - rh) // 2, (input_w - rw) // 2
     resized = resize_bilinear(images, (rh, rw))
     return tf.pad(resized, [[0, 0], [top, input_h - rh - top], [left, input_w - rw - left], [0, 0]])
 
 
 def _crop_to(resized, input_h, input_w):
-    top = (int(resized.shape[1]) - input_h) // 2
-    left = (int(resized.shape[2]) - input_w) // 2
+    height, width = _image_hw(resized)
+    top, left = (height - input_h) // 2, (width - input_w) // 2
     return resized[:, top:top + input_h, left:left + input_w]
 
 
@@ -100,8 +122,7 @@ def resize_and_crop(images, input_h, input_w):
     original image size; it inverts ``resize_and_pad`` only approximately (two independent roundings).
     """
     images = tf.convert_to_tensor(images)
-    h, w = int(images.shape[1]), int(images.shape[2])
-    size = _rounded_size(h, w, max(input_h / h, input_w / w))
+    size = _fit_size(*_image_hw(images), input_h, input_w, max)
     return _crop_to(resize_bilinear(images, size), input_h, input_w)
 
 
