@@ -448,6 +448,16 @@ class SaG(vit.TorchModule):
             variables[key].assign(value)
 
 
+def input_image(rgb_uint8, size=CROP_SIZE):
+    """``get_image_transform`` (train and test alike, ``--use_aug`` off): PIL ``Resize((size, size))`` — bilinear
+    with PIL's anti-aliasing, aspect ratio NOT kept — then ``ToTensor`` and ``Normalize(0.5, 0.5)``. uint8 RGB
+    [H, W, 3] (or [H, W]: converted to RGB as ``.convert('RGB')``) → float32 [size, size, 3] in [−1, 1]."""
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(rgb_uint8, np.uint8)).convert("RGB").resize((size, size), Image.BILINEAR)
+    return ((np.asarray(image, np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)).astype(np.float32)
+
+
 def preprocess(images):
     """``Normalize(0.5, 0.5)`` after ``ToTensor``: RGB [..., 3] (uint8 or float 0 … 255) → (x/255 − 0.5)/0.5."""
     return (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
