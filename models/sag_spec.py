@@ -1,0 +1,277 @@
+"""The model-registry entry for SaG (``models.sag``), with the interface of ``models.ReSTRSpec``, plus the readers
+SaG's pretrained parts need (AugReg ViT-S/16 ``.npz``; bert-base-uncased ``model.safetensors``).
+
+Recipe (``train_eval_unc.sh``): input = PIL bilinear (antialiased) resize to 384×384 of the batch image, whatever
+its size (the no-pad batches of ``util.sag_batches``), then (x/255 − 0.5)/0.5 (``sag.input_image``); text = the
+``sent_batch`` sentence through WordPiece (``util.wordpiece``; the ``text_batch`` GloVe ids are not used), the batch
+sorted longest first and 0-padded (``collate``); a fresh N(0, 1) slot noise per forward from a seeded generator;
+losses = InfoNCE + reconstruction (``sag.losses``; the masks are never used), loss scaled below iteration 5000, clip
+0.1, AdamW with five groups and decay 1e-4 on every parameter, constant lr then cosine from iteration 5000
+(``sag.train_step``, ``sag.make_optimizer``); evaluation = the relevance-weighted last-iteration slot map
+(``avg_cm``), bilinear to the label size, min-max, ≥ 0.5 (``sag.evaluate_sample``); the noise comes from ``--seed``.
+"""
+import json
+import logging
+import os
+import struct
+
+import numpy as np
+import tensorflow as tf
+
+from models import sag
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT = "random"
+BERT_VOCAB_FILE = "./data/weights/bert-base-uncased/vocab.txt"
+BERT_WEIGHTS_FILE = "./data/weights/bert-base-uncased/model.safetensors"
+AUGREG_S16_FILE = ("./data/weights/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-"
+                   "lr_0.03-res_384.npz")
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path):
+    """A ``.safetensors`` file → {name: numpy array} (8-byte little-endian header length, JSON header with dtype,
+    shape and data offsets, raw little-endian data). BF16 tensors are widened to float32 exactly. One-line
+    ValueError naming the file when it is not one."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (bert-base-uncased's model.safetensors)") from None
+    try:
+        (size,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + size])
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a .safetensors file") from None
+    data, out = raw[8 + size:], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(data[start:end], "<u2").astype(np.uint32) << 16
+            values = bits.view(np.float32)
+        elif info["dtype"] in _SAFETENSORS_DTYPES:
+            values = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[info["dtype"]])
+        else:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if values.size != int(np.prod(info["shape"])):
+            raise ValueError(f"{path}: tensor {name} is truncated")
+        out[name] = values.reshape(info["shape"]).copy()
+    return out
+
+
+def bert_state_dict(tensors, key_prefix="encoders.txt_enc.bert."):
+    """Hugging Face BERT tensors → our keys: the ``bert.`` prefix of the pre-training checkpoint dropped, the old
+    ``gamma``/``beta`` LayerNorm names renamed ``weight``/``bias`` (as ``from_pretrained`` does), the pre-training
+    heads (``cls.*``) and the ``position_ids`` buffer left out."""
+    out = {}
+    for name, value in tensors.items():
+        if name.startswith("cls.") or name.endswith("position_ids"):
+            continue
+        key = name[len("bert."):] if name.startswith("bert.") else name
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[key_prefix + key] = np.asarray(value, np.float32)
+    return out
+
+
+class SaGSpec:
+    """SaG: its ``train_cma_recon.py`` / ``eval_cma_recon.py`` recipe (module docstring).
+
+    Methods as ``ReSTRSpec``; where SaG needs more than that interface carries, the extra methods say so:
+    ``text_batch`` (sentences → sorted, padded ids), ``slot_noise`` (the per-forward noise), ``train_step`` (loss
+    scaling and clipping inside the step), ``initialize`` takes the AugReg and the BERT files.
+    """
+    log_loss = "loss"
+    score_key = "relevance"
+    probability_key = "relevance"
+    supports_crf = False
+    exportable = False          # the PIL antialiased resize has no exact TF-graph equivalent
+
+    def __init__(self, name, defaults, sizes, init_weights, vocab_file=BERT_VOCAB_FILE, bert_file=BERT_WEIGHTS_FILE):
+        self.name, self.defaults, self.sizes = name, defaults, dict(sizes)
+        self.init_weights, self.vocab_file, self.bert_file = init_weights, vocab_file, bert_file
+        self._tokenizer = None
+
+    def needs_embedding(self, emb):
+        return False
+
+    def embedding_file(self, dataset, emb):
+        return None
+
+    def default_init_weights(self, weights):
+        return self.init_weights
+
+    def default_snapshot_folder(self, batch_root, dataset):
+        return None
+
+    def snapshot_name(self, dataset, weights):
+        return f"{dataset}_iter"
+
+    def snapshot_candidates(self, folder, dataset, weights, iteration):
+        """Our ``<dataset>_iter_<N>``, then the original's ``model_best.pth.tar`` and ``ckpt.pth.tar``."""
+        return [os.path.join(folder, f"{dataset}_iter_{iteration}"), os.path.join(folder, "model_best.pth.tar"),
+                os.path.join(folder, "ckpt.pth.tar")]
+
+    def build(self, vocab_size=None, embedding=None, image_size=sag.CROP_SIZE, weights=None, seed=0):
+        """``sag.SaG`` at ``image_size`` (the crop size) with this entry's sizes; ``seed`` also seeds the training
+        slot noise (``noise_generator``, ``slot_noise``) and the predictor's (``noise_seed``)."""
+        model = sag.SaG(crop_size=image_size, seed=seed, **self.sizes)
+        model.model_name, model.noise_seed = self.name, seed
+        model.noise_generator = tf.random.Generator.from_seed(seed)
+        return model
+
+    def initialize(self, model, path, seed):
+        """The ViT from the AugReg ViT-S/16 ``.npz`` ``path`` and BERT from ``self.bert_file``; ``random``: keep the
+        seeded initial values (both)."""
+        if path == RANDOM_INIT:
+            log.info("Keeping the seeded initial weights (seed %d): no pretrained ViT or BERT", seed)
+            return
+        log.info("Loading the pretrained ViT from %s", path)
+        model.load_augreg(path)
+        log.info("Loading the pretrained BERT from %s", self.bert_file)
+        weights = bert_state_dict(read_safetensors(self.bert_file))
+        variables = model.bert.state_dict_variables()
+        for key, var in variables.items():
+            if key not in weights:
+                raise ValueError(f"{self.bert_file}: no weights for {key}")
+            if tuple(weights[key].shape) != tuple(var.shape):
+                raise ValueError(f"{self.bert_file}: {key} has shape {tuple(weights[key].shape)}, the model "
+                                 f"expects {tuple(var.shape)} (another BERT size?)")
+        for key, var in variables.items():
+            var.assign(weights[key])
+
+    def restore(self, model, path, optimizer=None):
+        """Our TF2 snapshot (with the optimizer), or SaG's ``.pth.tar`` (weights only, strict)."""
+        from external.convert_sag import read_checkpoint
+        from util.snapshots import restore_model
+
+        if path.endswith(".pth.tar") or path.endswith(".pth"):
+            model.load_state_dict(read_checkpoint(path)[0], path)
+            return {"format": "pth"}
+        return restore_model(model, path, optimizer)
+
+    def find_snapshot(self, candidates):
+        from util.checkpoints import checkpoint_exists
+
+        for path in candidates:
+            if (os.path.isfile(path) if path.endswith((".pth", ".pth.tar")) else checkpoint_exists(path)):
+                return path
+        raise FileNotFoundError("snapshot not found; looked for " + ", ".join(
+            c if c.endswith((".pth", ".pth.tar")) else f"{c}.index" for c in candidates))
+
+    def load_trained(self, path, cfg):
+        """A ``.pth.tar`` builds the model its tensors and saved args describe (``external.convert_sag``); our
+        snapshot needs the model of this entry."""
+        if path.endswith((".pth", ".pth.tar")):
+            from external.convert_sag import read_checkpoint, sag_sizes
+
+            state_dict, args = read_checkpoint(path)
+            model = sag.SaG(seed=cfg.seed, **sag_sizes(state_dict, args, self.sizes.get("vit_heads", 6),
+                                                       self.sizes.get("bert_config", sag.BERT_BASE)["heads"], path))
+            model.load_state_dict(state_dict, path)
+            model.model_name, model.noise_seed = self.name, cfg.seed
+            model.noise_generator = tf.random.Generator.from_seed(cfg.seed)
+            return model
+        model = self.build(image_size=cfg.image_size, seed=cfg.seed)
+        self.restore(model, path)
+        return model
+
+    def tokenizer(self):
+        from util.wordpiece import WordPiece
+
+        if self._tokenizer is None:
+            self._tokenizer = WordPiece(self.vocab_file)
+        return self._tokenizer
+
+    def text_batch(self, sentences):
+        """``data.collate_fn``'s text: sentences → (order, ids int64 [B, L], lengths); batch row j is sample
+        order[j] (images must be permuted the same way)."""
+        from util.wordpiece import collate
+
+        tokenizer = self.tokenizer()
+        return collate([tokenizer.caption_ids(s) for s in sentences])
+
+    def slot_noise(self, model, batch):
+        """A fresh N(0, 1) slot noise [batch, S, D] from the model's seeded generator (one per forward)."""
+        return model.slot_noise(batch, model.noise_generator)
+
+    def input_numpy(self, rgb_uint8):
+        return sag.input_image(rgb_uint8, self.defaults.image_size)
+
+    def display_rgb(self, network_input):
+        return np.clip((np.asarray(network_input, np.float64) * 0.5 + 0.5) * 255.0, 0, 255)
+
+    def forward(self, model, images, words, training=False):
+        """``words`` = WordPiece ids [B, L] (``text_batch``), with fresh slot noise."""
+        return model(images, words, self.slot_noise(model, tf.shape(images)[0]), training=training)
+
+    def backbone(self, model, images):
+        return model.vit(images)
+
+    def losses(self, model):
+        """fn(outputs, target) → ``sag.losses(outputs)`` (text supervision: the masks are not used)."""
+        return lambda outputs, target: sag.losses(outputs)
+
+    def objective(self, model):
+        return "loss"
+
+    def train_variables(self, model, conv5=False):
+        """Every parameter of the five AdamW groups (not the unused ViT head, pooler, ``fc``, ``residual_fc``)."""
+        return {k: v for group, _ in sag.optim_groups(model) for k, v in group.items()}
+
+    def make_optimizer(self, model, train_vars, lr, max_iter):
+        """``sag.make_optimizer`` with ``--lr`` = ``-lr`` and T_max = ``-i`` (= len(train_loader)·num_epochs in the
+        original); the cosine starts at iteration 5000 whatever ``-i``."""
+        return sag.make_optimizer(model, lr=lr, t_max=max_iter, num_steps=max_iter)
+
+    def train_step(self, model, optimizer):
+        """fn(images, ids, noise) → ``sag.train_step`` results: the step the generic one cannot express (loss scaled
+        below iteration 5000, global-norm clip 0.1 before AdamW)."""
+        return lambda images, ids, noise: sag.train_step(model, optimizer, images, ids, noise)
+
+    def regularization(self, train_vars):
+        return tf.constant(0.0)
+
+    def regularized_names(self, train_vars):
+        return []
+
+    def gradient_multiplier(self, name):
+        return 1.0
+
+    def probability(self, values):
+        return np.asarray(values, np.float64)
+
+    def predictor(self, model, image_size, dcrf):
+        """fn(samples) → [(mask, None)]: ``eval_seg``'s ``avg_cm`` mask per sample at its own size, one sample at a
+        time at the model's crop size (``image_size`` is the model's; SaG has no other test size). The slot noise
+        comes from a generator seeded by ``--seed`` (``build``/``load_trained``) and created here, so every
+        evaluation with the same seed draws the same noise (the original's evaluation is not reproducible)."""
+        size, noise_shape = model.crop_size, [1, model.num_slots, model.embed_dim]
+        forward = tf.function(lambda images, ids, noise: model(images, ids, noise), input_signature=[
+            tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([1, None], tf.int64),
+            tf.TensorSpec(noise_shape, tf.float32)])
+        generator = tf.random.Generator.from_seed(model.noise_seed)
+
+        def predict(samples):
+            out = []
+            for s in samples:
+                ids = np.asarray(self.tokenizer().caption_ids(str(s["sent_batch"][0])), np.int64)[None]
+                images = sag.input_image(s["im_batch"], model.crop_size)[None]
+                outputs = forward(tf.constant(images), tf.constant(ids), generator.normal(noise_shape))
+                maps = sag.relevance_maps(outputs["slot_attn"][0, -1].numpy(), outputs["relevance"][0].numpy())
+                out.append((sag.iou_map(maps["avg_cm"], s["mask_batch"])[1], None))
+            return out
+        return predict
+
+
+# Registry values (``train_eval_unc.sh``): 50 epochs of ⌈120,624 RefCOCO train sentences / 32⌉ = 3770 iterations,
+# a snapshot per epoch; the ``*_TINY`` entry is the golden's reduced model from random weights (smoke runs).
+SAG_DEFAULTS = dict(max_iter=188500, snapshot=3770, stop=None, keep=4, lr=sag.LEARNING_RATE,
+                    batch_size=sag.BATCH_SIZE, image_size=sag.CROP_SIZE)
+SAG_SIZES = {}
+SAG_TINY_SIZES = dict(vit_dim=64, vit_heads=4, vit_layers=2, embed_dim=32, num_slots=9, cascade=3, cross_dim_head=16,
+                      latent_dim_head=8, cma_dim_head=16,
+                      bert_config=dict(sag.BERT_BASE, hidden=48, layers=2, heads=4, intermediate=96, max_positions=64))
