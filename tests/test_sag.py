@@ -541,3 +541,55 @@ def test_convert_sag_errors_are_one_line(golden, tmp_path, caplog):
         assert len(caplog.messages) == 1 and "\n" not in caplog.messages[0]
         assert caplog.messages[0].startswith(f"error: {src}: ") and text in caplog.messages[0], caplog.messages
     assert not list(tmp_path.glob("out*"))
+
+
+def augreg_npz_from_init(golden, path):
+    """The golden's fake AugReg npz rebuilt from ``init__*`` (timm's ``_load_weights`` inverted); its 3×3 position
+    grid recovered by least squares from the 30×30 table (the bicubic 3 → 30 resize is a rank-9 linear map)."""
+    from util.vit_weights import torch_bicubic_resize
+    npz, vit = golden["npz"], "init__encoders.img_enc.img_backbone."
+    d, heads = GOLDEN_CONFIG["vit_dim"], GOLDEN_CONFIG["vit_heads"]
+    basis = np.stack([torch_bicubic_resize(np.eye(9, dtype=np.float32)[k].reshape(3, 3, 1), (30, 30)).reshape(900)
+                      for k in range(9)], 1).astype(np.float64)
+    pos = npz[vit + "pos_embed"]
+    grid = np.linalg.lstsq(basis, pos[0, 1:].astype(np.float64), rcond=None)[0].astype(np.float32)
+    out = {"embedding/kernel": npz[vit + "patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+           "embedding/bias": npz[vit + "patch_embed.proj.bias"], "cls": npz[vit + "cls_token"],
+           "Transformer/posembed_input/pos_embedding": np.concatenate([pos[:, :1], grid[None]], axis=1),
+           "Transformer/encoder_norm/scale": npz[vit + "norm.weight"],
+           "Transformer/encoder_norm/bias": npz[vit + "norm.bias"],
+           "head/kernel": npz[vit + "head.weight"].T, "head/bias": npz[vit + "head.bias"]}
+    for i in range(GOLDEN_CONFIG["vit_layers"]):
+        b, block = f"{vit}blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = block + "MultiHeadDotProductAttention_1/"
+        qkv_w, qkv_b = npz[b + "attn.qkv.weight"], npz[b + "attn.qkv.bias"]
+        for j, name in enumerate(("query", "key", "value")):
+            out[f"{mha}{name}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, d // heads)
+            out[f"{mha}{name}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(heads, d // heads)
+        out[mha + "out/kernel"] = npz[b + "attn.proj.weight"].reshape(d, heads, d // heads).transpose(1, 2, 0)
+        out[mha + "out/bias"] = npz[b + "attn.proj.bias"]
+        for r in range(2):
+            out[f"{block}MlpBlock_3/Dense_{r}/kernel"] = npz[f"{b}mlp.fc{r + 1}.weight"].T
+            out[f"{block}MlpBlock_3/Dense_{r}/bias"] = npz[f"{b}mlp.fc{r + 1}.bias"]
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{block}{ln}/scale"], out[f"{block}{ln}/bias"] = npz[f"{b}{norm}.weight"], npz[f"{b}{norm}.bias"]
+    assert sorted((k, list(v.shape)) for k, v in out.items()) == sorted(
+        (k, s) for k, s in golden["manifest"]["fake_augreg_npz"]["keys"])
+    np.savez(path, **out)
+    return path
+
+
+def test_augreg_npz_loads_into_the_480_built_vit(golden, tmp_path):
+    """``load_augreg``: timm's key mapping into the ViT built for 480 (3×3 grid bicubic-resized to 30×30); every
+    tensor as the golden's init, the table within float32 rounding of the recovered grid."""
+    path = augreg_npz_from_init(golden, tmp_path / "augreg.npz")
+    model = sag.SaG(**GOLDEN_CONFIG, seed=9)
+    model.load_augreg(path)
+    for key, var in model.vit.state_dict_variables().items():
+        ref = golden["npz"]["init__" + key]
+        if key.endswith("pos_embed"):
+            assert rel_diff(var.numpy(), ref) <= 1e-6
+        else:
+            assert np.array_equal(var.numpy(), ref), key
+    with pytest.raises(FileNotFoundError, match=r"none\.npz: no such file; SaG starts from the AugReg ViT-S/16"):
+        model.load_augreg(tmp_path / "none.npz")
