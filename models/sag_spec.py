@@ -269,7 +269,7 @@ class SaGSpec:
 
 # Registry values (``train_eval_unc.sh``): 50 epochs of ⌈120,624 RefCOCO train sentences / 32⌉ = 3770 iterations,
 # a snapshot per epoch; the ``*_TINY`` entry is the golden's reduced model from random weights (smoke runs).
-SAG_DEFAULTS = dict(max_iter=188500, snapshot=3770, stop=None, keep=4, lr=sag.LEARNING_RATE,
+SAG_DEFAULTS = dict(max_iter=sag.NUM_EPOCHS * 3770, snapshot=3770, stop=None, keep=4, lr=sag.LEARNING_RATE,
                     batch_size=sag.BATCH_SIZE, image_size=sag.CROP_SIZE)
 SAG_SIZES = {}
 SAG_TINY_SIZES = dict(vit_dim=64, vit_heads=4, vit_layers=2, embed_dim=32, num_slots=9, cascade=3, cross_dim_head=16,
