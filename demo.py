@@ -109,15 +109,19 @@ def mask_from_snapshot(args, image):
     cfg = RunConfig(mode="test", model=canonical_name(args.n), dataset=args.d, iteration=args.i, folder=args.f,
                     emb=args.emb, weights=args.w, image_size=args.img_size, data_dir=args.data_dir,
                     vocab_file=args.vocab_file)
-    if not os.path.isfile(cfg.vocab_file):
+    if cfg.spec.reads_sentences:
+        words = []
+    elif not os.path.isfile(cfg.vocab_file):
         raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
-    words = preprocess_sentence(args.text, load_vocab_dict_from_file(cfg.vocab_file))
+    else:
+        words = preprocess_sentence(args.text, load_vocab_dict_from_file(cfg.vocab_file))
     if args.crf and not cfg.spec.supports_crf:
         raise ValueError(f"--crf is not available for -n {cfg.model} (its original evaluation has none)")
     prefix = cfg.spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
     model = cfg.spec.load_trained(prefix, cfg)
     log.info("restored %s from %s", cfg.model, prefix)
-    sample = {"im_batch": image, "text_batch": np.asarray(words), "mask_batch": np.zeros(image.shape[:2], bool)}
+    sample = {"im_batch": image, "text_batch": np.asarray(words), "sent_batch": np.array([args.text]),
+              "mask_batch": np.zeros(image.shape[:2], bool)}
     [(plain, refined)] = cfg.spec.predictor(model, cfg.image_size, args.crf)([sample])
     return (refined if args.crf else plain) != 0
 

@@ -8,6 +8,7 @@
 | ``LSTM_model`` (``LSTM``) | DeepLab-ResNet-101 + ``models.lstm_baseline.LSTMHead`` | Liu et al., ICCV 2017 (baseline) |
 | ``ReSTR`` | ``models.restr.ReSTR`` (ViT-B/16, 480×480) | Kim et al., CVPR 2022 |
 | ``ReSTR_tiny`` | ``models.restr.ReSTR`` at the golden data's reduced width (64, 4 heads, 2 layers each) | CPU smoke runs |
+| ``TRIS_stage1`` / ``TRIS_stage2`` | ``models.tris`` (CLIP RN50 + localisation / segmentation heads; ``-m test`` and the demo from TRIS ``.pth``) | Liu et al., ICCV 2023 |
 
 A ``ModelSpec`` (``model_spec(name)``) holds everything the train / test / bench loops need to know about a model:
 its defaults (iterations, snapshot interval, learning rate, batch and image size, initial weights), how it is built,
@@ -103,6 +104,7 @@ class TF1Spec:
     probability_key = "sigm"
     supports_crf = True
     exportable = True
+    reads_sentences = False        # the predictor reads ``text_batch`` (ids of the GloVe-era vocabulary)
 
     def __init__(self, name, defaults, short_name=None, glove=False):
         self.name, self.defaults, self.short_name, self.glove = name, defaults, short_name, glove
@@ -228,6 +230,11 @@ class TF1Spec:
         return values
 
     # --- evaluation ------------------------------------------------------------------------------------------------
+    def original_metrics(self):
+        """Figures of the original's own evaluation beyond the standard block, after ``predictor``'s last run:
+        none (the block is the originals' own)."""
+        return None
+
     def serving_input(self, image, image_size):
         """In-graph ``util.evaluate.prepare`` of one uint8 RGB image [H, W, 3] (any size): (network input
         [1, S, S, 3], the resized zero-padded uint8 image [S, S, 3]) (``util.export.in_graph_preprocess``)."""
@@ -277,6 +284,7 @@ class ReSTRSpec:
     probability_key = "pixel_pred"
     supports_crf = False
     exportable = True
+    reads_sentences = False
 
     def __init__(self, name, defaults, sizes, init_weights):
         self.name, self.defaults, self.sizes, self.init_weights = name, defaults, dict(sizes), init_weights
@@ -412,6 +420,10 @@ class ReSTRSpec:
     def probability(self, values):
         return 1.0 / (1.0 + np.exp(-np.asarray(values, np.float64)))
 
+    def original_metrics(self):
+        """None: ReSTR's evaluation prints the cumulative IoU and precisions of the standard block."""
+        return None
+
     def serving_input(self, image, image_size):
         """``restr.eval_input`` of one uint8 RGB image [H, W, 3] of any size: (network input [1, S, S, 3], the
         resized image as uint8 RGB [S, S, 3], grey where padded — what the network saw)."""
@@ -448,6 +460,8 @@ class ReSTRSpec:
         return predict
 
 
+from models.tris_spec import TRISSpec  # noqa: E402 (after the spec classes it mirrors; no circular import)
+
 AUGREG_FILE = ("./data/weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-"
                "lr_0.01-res_384.npz")
 _FULL = dict(patch_size=16, d_model=768, n_heads=12, vit_layers=12, text_layers=6, fusion_layers=2)
@@ -460,6 +474,9 @@ _SPECS = {
     "LSTM_model": TF1Spec("LSTM_model", Defaults(750000, 50000, None, 1000, 0.00025, 1, 320), short_name="LSTM"),
     "ReSTR": ReSTRSpec("ReSTR", Defaults(400000, 5000, None, 4, 1e-5, 8, 480), _FULL, AUGREG_FILE),
     "ReSTR_tiny": ReSTRSpec("ReSTR_tiny", Defaults(400000, 5000, None, 4, 1e-5, 8, 480), _TINY, RANDOM_INIT),
+    # TRIS counts epochs (15, batch 48, lr 5e-5 at 320); -i/-s here are not the original's units (training not wired)
+    "TRIS_stage1": TRISSpec("TRIS_stage1", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 1),
+    "TRIS_stage2": TRISSpec("TRIS_stage2", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 2),
 }
 MODEL_NAMES = tuple(_SPECS) + tuple(_ALIASES)
 

@@ -40,12 +40,20 @@ class TRISSpec:
     batch 48, size 320)."""
     log_loss = "loss"
     supports_crf = False
-    exportable = True
+    exportable = False             # the SavedModel's in-graph tokenizer is the GloVe vocabulary's, not CLIP's BPE
+    reads_sentences = True         # the predictor tokenizes ``sent_batch`` itself (CLIP BPE), not ``text_batch``
 
     def __init__(self, name, defaults, stage, bpe_file=None):
         self.name, self.defaults, self.stage = name, defaults, stage
         self.bpe_file = bpe_file or os.environ.get(BPE_FILE_ENV, DEFAULT_BPE_FILE)
         self.score_key = self.probability_key = "output"
+
+    def bpe_path(self, cfg):
+        """The merges file: ``$REFSEG_CLIP_BPE`` if set, else ``<--data-dir>/bpe_simple_vocab_16e6.txt.gz``."""
+        data_dir = getattr(cfg, "data_dir", None)
+        if os.environ.get(BPE_FILE_ENV) or not data_dir:
+            return self.bpe_file
+        return os.path.join(data_dir, os.path.basename(DEFAULT_BPE_FILE))
 
     def _model_class(self):
         from models import tris
@@ -120,6 +128,7 @@ class TRISSpec:
             model = self.build(seed=getattr(cfg, "seed", 0))
             self.restore(model, path)
         model.model_name = self.name
+        model.bpe_file = self.bpe_path(cfg)
         return model
 
     def input_numpy(self, rgb_uint8):
@@ -148,10 +157,24 @@ class TRISSpec:
     def probability(self, values):
         return np.asarray(values, np.float64)
 
-    def tokenizer(self):
+    def tokenizer(self, path=None):
+        """CLIP's BPE over the merges file ``path`` (default: this entry's)."""
         from util import clip_bpe
 
-        return clip_bpe.ClipTokenizer(self.bpe_file)
+        return clip_bpe.ClipTokenizer(path or self.bpe_file)
+
+    def original_metrics(self):
+        """``validate.validate``'s figures (×100) over the predictor's last run: mIoU (what the paper reports),
+        oIoU and PointM (``tris.summarize``). Hit is left out: it needs the ground-truth box, which our ``.npz``
+        samples do not carry."""
+        from models import tris
+
+        results = getattr(self, "last_results", None)
+        if not results:
+            return None
+        summary = tris.summarize(results)
+        return {"title": "TRIS validate()", "mIoU": summary["mIoU"], "oIoU": summary["oIoU"],
+                "PointM": summary["hitm"]}
 
     def serving_input(self, image, image_size):
         """One uint8 RGB image [H, W, 3] → (network input [1, S, S, 3], the stretched image as uint8 [S, S, 3]).
@@ -179,7 +202,7 @@ class TRISSpec:
         from models import tris
         from util import clip_bpe, data
 
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer(getattr(model, "bpe_file", None))
         forward = tf.function(lambda images, ids: model(images, ids))
 
         def predict(samples):

@@ -74,12 +74,14 @@ def _state_dict(sample, folder):
 
 
 def write_state_dict_pth(path, state_dict):
-    """``torch.save(state_dict)`` layout (zip, pickle protocol 2, one float32 storage per tensor), without torch."""
+    """``torch.save(state_dict)`` layout (zip, pickle protocol 2, one storage per tensor: int64 arrays as
+    ``LongStorage``, everything else float32), without torch."""
     items, storages = [], {}
     for n, (key, value) in enumerate(state_dict.items()):
-        value = np.ascontiguousarray(value, "<f4")
+        storage, dtype = ("LongStorage", "<i8") if np.asarray(value).dtype == np.int64 else ("FloatStorage", "<f4")
+        value = np.array(value, dtype, order="C")           # (ascontiguousarray makes 0-d arrays 1-d)
         stride = [int(np.prod(value.shape[k + 1:])) for k in range(value.ndim)]
-        items.append((key, _tensor("FloatStorage", str(n), value.size, 0, value.shape, stride)))
+        items.append((key, _tensor(storage, str(n), value.size, 0, value.shape, stride)))
         storages[str(n)] = value.tobytes()
     return _write_pth(path, _dict(items), storages)
 

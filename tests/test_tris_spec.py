@@ -46,7 +46,7 @@ def test_predictor_gives_the_original_evaluation(golden, monkeypatch):
     state = {k[len("s1_init__"):]: v for k, v in npz.items() if k.startswith("s1_init__")}
     model = tris.TRISStage1.from_state_dict(state, "golden init")
     spec = TRISSpec("TRIS_stage1", None, 1)
-    monkeypatch.setattr(spec, "tokenizer", types.MethodType(lambda self: _GoldenIds(golden), spec))
+    monkeypatch.setattr(spec, "tokenizer", types.MethodType(lambda self, path=None: _GoldenIds(golden), spec))
     samples = [{"im_batch": npz[f"input__image_uint8__{c}"], "mask_batch": npz[f"input__target_orig__{c}"],
                 "sent_batch": np.array([sentence])}
                for c, ref in enumerate(golden["manifest"]["val_refs"]) for sentence in ref["sentences"]]

@@ -120,6 +120,10 @@ def test(cfg):
     if metrics_crf is not None:
         log.info("%s", metrics_crf.report("with DenseCRF"))
         results["with_dcrf"] = metrics_crf.summary()
+    original = spec.original_metrics()
+    if original:
+        log.info("%s: %s", original["title"], "; ".join(f"{k} = {v:f}" for k, v in original.items() if k != "title"))
+        results["original_metrics"] = original
     if cfg.logdir:
         write_test_scalars(cfg.logdir, results, cfg.iteration)
     write_json_atomic(results, json_path)

@@ -12,6 +12,7 @@
 - ``data/vocabulary_Gref.txt`` / ``data/vocabulary_referit.txt`` (``<pad>``, ``<go>``, ``<eos>``, ``<unk>``, then
   every token of the sample sentences, sorted) and ``data/Gref_emb.npy`` / ``data/referit_emb.npy`` (float32
   [vocabulary lines, 300]; ``<pad>`` row zero, the others normal with std 0.3).
+- ``data/bpe_simple_vocab_16e6.txt.gz``: a CLIP BPE merges file in the real format (``_write_clip_bpe``; TRIS).
 
 Scenes: 1–3 coloured shapes (circle, square, triangle) side by side on a striped, noisy background, JPEG sides of
 64–160 px in portrait and landscape. Expressions name colour, shape, horizontal position and relative size ("red
@@ -165,6 +166,42 @@ def _write_vocab(path, sentences):
     return lines
 
 
+def _write_clip_bpe(path, sentences):
+    """A CLIP BPE merges file in the real format (gzip UTF-8 text: a version line, then ``clip_bpe.N_MERGES``
+    merges "a b" in rank order; gzip header without a time stamp, so the bytes are a function of ``sentences``):
+    first the merges that spell each word of the sentences (CLIP's cleanup and split) left to right, then pairs of
+    single byte symbols up to CLIP's count. Ids therefore span CLIP's range (up to 49407) as real ones do; a model
+    run on them needs CLIP's 49408-row token embedding."""
+    import gzip
+
+    from util import clip_bpe
+
+    encoder = clip_bpe.bytes_to_unicode()
+    merges, seen = [], set()
+
+    def add(pair):
+        if pair not in seen:
+            seen.add(pair)
+            merges.append(pair)
+    words = sorted({w for s in sentences for w in clip_bpe.split_words(clip_bpe.clean_text(s))})
+    for word in words:
+        symbols = [encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            add((merged, symbol))
+            merged += symbol
+    singles = list(encoder.values())
+    for a in singles:
+        for b in singles:
+            if len(merges) == clip_bpe.N_MERGES:
+                break
+            add((a, b))
+    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges[:clip_bpe.N_MERGES])
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+        f.write(text.encode("utf-8"))
+
+
 def _write_emb(path, n_rows, rng):
     """float32 [n_rows, 300] normal(0, EMB_STD) with a zero ``<pad>`` row 0."""
     emb = (rng.standard_normal((n_rows, EMB_DIM)) * EMB_STD).astype(np.float32)
@@ -272,4 +309,5 @@ def make_sample(root, seed=0):
     for name, sents in (("Gref", coco_sents), ("referit", referit_q)):
         lines = _write_vocab(os.path.join(root, "data", f"vocabulary_{name}.txt"), sents)
         _write_emb(os.path.join(root, "data", f"{name}_emb.npy"), len(lines), rng)
+    _write_clip_bpe(os.path.join(root, "data", "bpe_simple_vocab_16e6.txt.gz"), coco_sents + referit_q)
     return root
