@@ -94,6 +94,7 @@ class SaGSpec:
         self.name, self.defaults, self.sizes = name, defaults, dict(sizes)
         self.init_weights, self.vocab_file, self.bert_file = init_weights, vocab_file, bert_file
         self._tokenizer = None
+        self.last_records = []
 
     def needs_embedding(self, emb):
         return False
@@ -248,12 +249,15 @@ class SaGSpec:
         """fn(samples) → [(mask, None)]: ``eval_seg``'s ``avg_cm`` mask per sample at its own size, one sample at a
         time at the model's crop size (``image_size`` is the model's; SaG has no other test size). The slot noise
         comes from a generator seeded by ``--seed`` (``build``/``load_trained``) and created here, so every
-        evaluation with the same seed draws the same noise (the original's evaluation is not reproducible)."""
+        evaluation with the same seed draws the same noise (the original's evaluation is not reproducible).
+        ``self.last_records`` collects every sample's ``sag.evaluate_sample`` record (all four variants) for
+        ``sag.seg_metrics`` — SaG's own metric dict."""
         size, noise_shape = model.crop_size, [1, model.num_slots, model.embed_dim]
         forward = tf.function(lambda images, ids, noise: model(images, ids, noise), input_signature=[
             tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([1, None], tf.int64),
             tf.TensorSpec(noise_shape, tf.float32)])
         generator = tf.random.Generator.from_seed(model.noise_seed)
+        self.last_records = []
 
         def predict(samples):
             out = []
@@ -261,8 +265,10 @@ class SaGSpec:
                 ids = np.asarray(self.tokenizer().caption_ids(str(s["sent_batch"][0])), np.int64)[None]
                 images = sag.input_image(s["im_batch"], model.crop_size)[None]
                 outputs = forward(tf.constant(images), tf.constant(ids), generator.normal(noise_shape))
-                maps = sag.relevance_maps(outputs["slot_attn"][0, -1].numpy(), outputs["relevance"][0].numpy())
-                out.append((sag.iou_map(maps["avg_cm"], s["mask_batch"])[1], None))
+                result, record = sag.evaluate_sample(outputs["slot_attn"][0, -1].numpy(),
+                                                     outputs["relevance"][0].numpy(), s["mask_batch"])
+                self.last_records.append(record)
+                out.append((result["avg_cm"]["hard"], None))
             return out
         return predict
 

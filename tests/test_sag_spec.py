@@ -70,6 +70,11 @@ def test_spec_trains_and_predicts(golden, spec):
                 "sent_batch": np.array([records[i]["sentence"]])} for i in (0, 1)]
     masks = spec.predictor(model, 64, False)(samples)
     assert [m.shape for m, _ in masks] == [(48, 80), (90, 70)] and all(m.dtype == bool for m, _ in masks)
+    metrics = sag.seg_metrics(spec.last_records)
+    assert sorted(metrics) == sorted(f"{v}_{m}" for v in ("max", "avg") for m in ("cIoU", "mIoU", "prec", "recall"))
+    label_sum = [npz[f"val{i}__label"].sum() for i in (0, 1)]
+    assert [r["avg_cm"][2] for r in spec.last_records] == [m.sum() for m, _ in masks]
+    assert [r["avg_cm"][3] for r in spec.last_records] == label_sum
     again = spec.build(image_size=64, seed=3)              # same seed, fresh model: the same masks
     for key, var in again.distinct_variables().items():
         var.assign(model.distinct_variables()[key])
