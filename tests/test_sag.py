@@ -351,7 +351,8 @@ def step_gradients(golden, params, k, order=(0, 1)):
         outputs = model(nhwc(npz["train__input_image"])[order], npz["train__input_txt"][order],
                         npz[f"train_step{k}__slot_noise"][order], training=True)
         loss = sag.losses(outputs)["loss"]
-    return {n: tf.convert_to_tensor(g).numpy() for n, g in zip(variables, tape.gradient(loss, list(variables.values())))}
+    grads = tape.gradient(loss, list(variables.values()))
+    return {n: tf.convert_to_tensor(g).numpy() for n, g in zip(variables, grads)}
 
 
 @pytest.fixture(scope="module")
