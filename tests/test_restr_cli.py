@@ -62,6 +62,41 @@ def test_stopped_run_resumes_from_its_snapshot_at_its_step(restr_run):
         assert reader.has_tensor("model/generator/_state_var/.ATTRIBUTES/VARIABLE_VALUE")
 
 
+def test_killed_run_resumes_with_the_same_losses(sample, restr_run, tmp_path):
+    """SIGKILL once the snapshot of iteration 10 is complete (snapshots every 5), then the same command again: it
+    resumes from the newest complete snapshot and every logged loss equals the uninterrupted runs' (same seed;
+    AdamW state, schedule step and DropPath generator restored)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    expected = {**logged_losses(restr_run[1]), **logged_losses(restr_run[2])}
+    folder = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "trainval_model.py"), "-m", "train", "-t", "train",
+           *common(sample, MODEL, folder), *TRAIN, "-s", "5"]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (folder / "unc_iter_10.index").exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    seen = logged_losses((tmp_path / "killed.log").read_text())
+    newest = max(int(f[len("unc_iter_"):-len(".index")]) for f in os.listdir(folder) if f.endswith(".index"))
+    second = run(cmd[2:]).stdout
+    assert f"resuming from {folder / f'unc_iter_{newest}'} (iteration {newest})" in second, second[-2000:]
+    assert newest >= 10 and second.rstrip().endswith("Optimization done.")
+    seen.update(logged_losses(second))
+    assert sorted(seen) == sorted(expected)
+    for it, loss in seen.items():
+        assert loss == pytest.approx(expected[it], rel=1e-6), (it, loss, expected[it])
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
+
+
 def _state_dict(sample, folder):
     from models import model_spec
     from util.config import RunConfig
