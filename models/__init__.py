@@ -8,6 +8,8 @@
 | ``LSTM_model`` (``LSTM``) | DeepLab-ResNet-101 + ``models.lstm_baseline.LSTMHead`` | Liu et al., ICCV 2017 (baseline) |
 | ``ReSTR`` | ``models.restr.ReSTR`` (ViT-B/16, 480×480) | Kim et al., CVPR 2022 |
 | ``ReSTR_tiny`` | ``models.restr.ReSTR`` at the golden data's reduced width (64, 4 heads, 2 layers each) | CPU smoke runs |
+| ``SaG`` | ``models.sag.SaG`` (ViT-S/16 + BERT-base, slots; ``-m test`` and the demo; ``.pth.tar`` checkpoints) | Kim et al., ICCV 2023 |
+| ``SaG_tiny`` | ``models.sag.SaG`` at the golden data's reduced sizes | CPU smoke runs |
 | ``TRIS_stage1`` / ``TRIS_stage2`` | ``models.tris`` (CLIP RN50 + localisation / segmentation heads; ``-m test`` and the demo from TRIS ``.pth``) | Liu et al., ICCV 2023 |
 
 A ``ModelSpec`` (``model_spec(name)``) holds everything the train / test / bench loops need to know about a model:
@@ -460,7 +462,8 @@ class ReSTRSpec:
         return predict
 
 
-from models.tris_spec import TRISSpec  # noqa: E402 (after the spec classes it mirrors; no circular import)
+from models.sag_spec import AUGREG_S16_FILE, SAG_DEFAULTS, SAG_SIZES, SAG_TINY_SIZES, SaGSpec  # noqa: E402
+from models.tris_spec import TRISSpec  # noqa: E402 (after the spec classes they mirror; no circular import)
 
 AUGREG_FILE = ("./data/weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-"
                "lr_0.01-res_384.npz")
@@ -474,6 +477,8 @@ _SPECS = {
     "LSTM_model": TF1Spec("LSTM_model", Defaults(750000, 50000, None, 1000, 0.00025, 1, 320), short_name="LSTM"),
     "ReSTR": ReSTRSpec("ReSTR", Defaults(400000, 5000, None, 4, 1e-5, 8, 480), _FULL, AUGREG_FILE),
     "ReSTR_tiny": ReSTRSpec("ReSTR_tiny", Defaults(400000, 5000, None, 4, 1e-5, 8, 480), _TINY, RANDOM_INIT),
+    "SaG": SaGSpec("SaG", Defaults(**SAG_DEFAULTS), SAG_SIZES, AUGREG_S16_FILE),
+    "SaG_tiny": SaGSpec("SaG_tiny", Defaults(**SAG_DEFAULTS), SAG_TINY_SIZES, RANDOM_INIT),
     # TRIS counts epochs (15, batch 48, lr 5e-5 at 320); -i/-s here are not the original's units (training not wired)
     "TRIS_stage1": TRISSpec("TRIS_stage1", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 1),
     "TRIS_stage2": TRISSpec("TRIS_stage2", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 2),

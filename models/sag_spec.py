@@ -89,6 +89,7 @@ class SaGSpec:
     probability_key = "relevance"
     supports_crf = False
     exportable = False          # the PIL antialiased resize has no exact TF-graph equivalent
+    reads_sentences = True      # the predictor tokenizes ``sent_batch`` itself (WordPiece), not ``text_batch``
 
     def __init__(self, name, defaults, sizes, init_weights, vocab_file=BERT_VOCAB_FILE, bert_file=BERT_WEIGHTS_FILE):
         self.name, self.defaults, self.sizes = name, defaults, dict(sizes)
@@ -175,17 +176,28 @@ class SaGSpec:
             model.load_state_dict(state_dict, path)
             model.model_name, model.noise_seed = self.name, cfg.seed
             model.noise_generator = tf.random.Generator.from_seed(cfg.seed)
-            return model
-        model = self.build(image_size=cfg.image_size, seed=cfg.seed)
-        self.restore(model, path)
+        else:
+            model = self.build(image_size=cfg.image_size, seed=cfg.seed)
+            self.restore(model, path)
+        model.vocab_file = self.vocab_path(cfg)
         return model
 
-    def tokenizer(self):
+    def vocab_path(self, cfg):
+        """BERT's ``vocab.txt``: ``<--data-dir>/weights/bert-base-uncased/vocab.txt`` (this entry's file without a
+        configuration)."""
+        data_dir = getattr(cfg, "data_dir", None)
+        if not data_dir:
+            return self.vocab_file
+        return os.path.join(data_dir, "weights", "bert-base-uncased", "vocab.txt")
+
+    def tokenizer(self, path=None):
+        """The WordPiece tokenizer of ``path`` (default: this entry's ``vocab_file``), read once per file."""
         from util.wordpiece import WordPiece
 
-        if self._tokenizer is None:
-            self._tokenizer = WordPiece(self.vocab_file)
-        return self._tokenizer
+        path = path or self.vocab_file
+        if self._tokenizer is None or self._tokenizer[0] != path:
+            self._tokenizer = (path, WordPiece(path))
+        return self._tokenizer[1]
 
     def text_batch(self, sentences):
         """``data.collate_fn``'s text: sentences → (order, ids int64 [B, L], lengths); batch row j is sample
@@ -245,6 +257,13 @@ class SaGSpec:
     def probability(self, values):
         return np.asarray(values, np.float64)
 
+    def original_metrics(self):
+        """``eval_seg``'s dict over the predictor's last run (``sag.seg_metrics``: cIoU, mIoU, precision, recall
+        of the max- and avg-pooled maps, ×100)."""
+        if not self.last_records:
+            return None
+        return {"title": "SaG eval_seg()", **sag.seg_metrics(self.last_records)}
+
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: ``eval_seg``'s ``avg_cm`` mask per sample at its own size, one sample at a
         time at the model's crop size (``image_size`` is the model's; SaG has no other test size). The slot noise
@@ -252,17 +271,20 @@ class SaGSpec:
         evaluation with the same seed draws the same noise (the original's evaluation is not reproducible).
         ``self.last_records`` collects every sample's ``sag.evaluate_sample`` record (all four variants) for
         ``sag.seg_metrics`` — SaG's own metric dict."""
+        from util import data
+
         size, noise_shape = model.crop_size, [1, model.num_slots, model.embed_dim]
         forward = tf.function(lambda images, ids, noise: model(images, ids, noise), input_signature=[
             tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([1, None], tf.int64),
             tf.TensorSpec(noise_shape, tf.float32)])
         generator = tf.random.Generator.from_seed(model.noise_seed)
+        tokenizer = self.tokenizer(getattr(model, "vocab_file", None))
         self.last_records = []
 
         def predict(samples):
             out = []
             for s in samples:
-                ids = np.asarray(self.tokenizer().caption_ids(str(s["sent_batch"][0])), np.int64)[None]
+                ids = np.asarray(tokenizer.caption_ids(data.sentence_of(s)), np.int64)[None]
                 images = sag.input_image(s["im_batch"], model.crop_size)[None]
                 outputs = forward(tf.constant(images), tf.constant(ids), generator.normal(noise_shape))
                 result, record = sag.evaluate_sample(outputs["slot_attn"][0, -1].numpy(),

@@ -13,6 +13,8 @@
   every token of the sample sentences, sorted) and ``data/Gref_emb.npy`` / ``data/referit_emb.npy`` (float32
   [vocabulary lines, 300]; ``<pad>`` row zero, the others normal with std 0.3).
 - ``data/bpe_simple_vocab_16e6.txt.gz``: a CLIP BPE merges file in the real format (``_write_clip_bpe``; TRIS).
+- ``data/weights/bert-base-uncased/vocab.txt``: a BERT WordPiece vocabulary in the real format (``_write_bert_vocab``;
+  SaG).
 
 Scenes: 1–3 coloured shapes (circle, square, triangle) side by side on a striped, noisy background, JPEG sides of
 64–160 px in portrait and landscape. Expressions name colour, shape, horizontal position and relative size ("red
@@ -202,6 +204,20 @@ def _write_clip_bpe(path, sentences):
         f.write(text.encode("utf-8"))
 
 
+def _write_bert_vocab(path, sentences):
+    """A WordPiece ``vocab.txt`` laid out as bert-base-uncased's: [PAD] 0, [unused0…98] 1–99, [UNK] 100, [CLS] 101,
+    [SEP] 102, [MASK] 103, then the sorted basic tokens of ``sentences`` (lower-cased, accents stripped, punctuation
+    split) and the pieces "##s", "##er", "##est"; one token per line."""
+    from util.wordpiece import basic_tokens
+
+    words = sorted({t for s in sentences for t in basic_tokens(s)})
+    lines = (["[PAD]"] + [f"[unused{k}]" for k in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+             + ["##s", "##er", "##est"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _write_emb(path, n_rows, rng):
     """float32 [n_rows, 300] normal(0, EMB_STD) with a zero ``<pad>`` row 0."""
     emb = (rng.standard_normal((n_rows, EMB_DIM)) * EMB_STD).astype(np.float32)
@@ -310,4 +326,5 @@ def make_sample(root, seed=0):
         lines = _write_vocab(os.path.join(root, "data", f"vocabulary_{name}.txt"), sents)
         _write_emb(os.path.join(root, "data", f"{name}_emb.npy"), len(lines), rng)
     _write_clip_bpe(os.path.join(root, "data", "bpe_simple_vocab_16e6.txt.gz"), coco_sents + referit_q)
+    _write_bert_vocab(os.path.join(root, "data", "weights", "bert-base-uncased", "vocab.txt"), coco_sents + referit_q)
     return root
