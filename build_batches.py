@@ -12,7 +12,9 @@ splits keep the original resolution. Grayscale images are tiled to 3 channels.
 ``--family`` picks the model family's format (``FAMILIES``): ``tf1`` (default; RMI, RRN, CMPC, LSTM: the TF1
 originals' ``build_batches.py``) — ``--img-size`` 320, ``--resize skimage013``, the four keys above; ``restr``
 (ReSTR's own ``build_batches.py``) — ``--img-size`` 480, ``--resize skimage019`` and a fifth key ``im_name_batch``
-(0-d str: ``COCO_train2014_<id:012d>`` without extension for COCO, ``<id>.jpg`` for ReferIt, as ReSTR writes it).
+(0-d str: ``COCO_train2014_<id:012d>`` without extension for COCO, ``<id>.jpg`` for ReferIt, as ReSTR writes it);
+``sag`` (SaG's "no-pad" ``build_batches.py``, ``util.sag_batches``) — training images resized by min(480/h, 480/w)
+with ``skimage019`` and NOT padded (variable sizes, the longer side 480), ``im_name_batch`` as ReSTR's.
 ``--img-size`` and ``--resize`` override the family's defaults. ``--resize skimage013``: scikit-image 0.13's
 ``resize`` (bilinear, no anti-aliasing), reimplemented in numpy (``util.image.resize_and_pad``), what the TF1 models
 were trained on; ``skimage019``: scikit-image 0.19.3's (Gaussian anti-aliasing when shrinking, mirror edges; ReSTR's
@@ -72,8 +74,9 @@ T = 20
 COCO_SOURCES = {"unc": "refcoco", "unc+": "refcoco+", "Gref": "refcocog"}
 DEFAULT_SPLIT_BY = {"unc": "unc", "unc+": "unc", "Gref": "google"}
 REFERIT_SPLITS = ("trainval", "test", "train", "val", "all")
-FAMILIES = {"tf1": {"img_size": 320, "resize": "skimage013", "im_name": False, "file_order": False},
-            "restr": {"img_size": 480, "resize": "skimage019", "im_name": True, "file_order": True}}
+FAMILIES = {"tf1": {"img_size": 320, "resize": "skimage013", "im_name": False, "file_order": False, "pad": True},
+            "restr": {"img_size": 480, "resize": "skimage019", "im_name": True, "file_order": True, "pad": True},
+            "sag": {"img_size": 480, "resize": "skimage019", "im_name": True, "file_order": True, "pad": False}}
 DATASETS = ("unc", "unc+", "Gref", "referit")
 
 
@@ -113,14 +116,20 @@ def read_image(path):
         raise BadSample(e.reason, e.detail) from None
 
 
-def process_pair(im, mask, train, size, resize="skimage013"):
+def process_pair(im, mask, train, size, resize="skimage013", pad=True):
     """The original's per-sample processing: (uint8 [H, W, 3] image, bool [H, W] mask).
+
+    ``pad`` False (``--family sag``): ``util.sag_batches.process_pair_nopad`` (fit inside size×size, no padding).
 
     Train: ``img_as_ubyte(resize_and_pad(im))`` and ``resize_and_pad(mask) > 0`` at size×size, with the
     ``resize_and_pad`` of ``resize`` (``util.image.RESIZE_AND_PAD``: 'skimage013' or 'skimage019'; ``img_as_ubyte``
     is the same in both versions); otherwise the inputs unchanged (mask > 0). A 2-D image is tiled to 3 channels
     afterwards.
     """
+    if not pad:
+        from util.sag_batches import process_pair_nopad
+
+        return process_pair_nopad(im, mask, train, size)
     if train:
         resize_and_pad = im_proc.RESIZE_AND_PAD[resize]
         im = im_proc.img_as_ubyte(resize_and_pad(im, size, size))
@@ -168,13 +177,14 @@ def _load_unit_pair(unit):
     return im, mask
 
 
-def existing_sample_problem(path, ids, sentence, size, im_name=None):
+def existing_sample_problem(path, ids, sentence, size, im_name=None, pad=True):
     """None when ``path`` is a complete sample of this plan, else why it must be rewritten (a short phrase).
 
     Complete: a readable archive (every member read, so zip CRCs are checked) with exactly the four keys, plus
     ``im_name_batch`` when ``im_name`` is given; ``text_batch`` int64 equal to ``ids``; ``sent_batch`` one element
     equal to ``sentence``; ``im_name_batch`` one str equal to ``im_name``; ``im_batch`` uint8 [H, W, 3]
-    (H = W = ``size`` when ``size`` is given, i.e. training splits); ``mask_batch`` bool [H, W].
+    (H = W = ``size`` when ``size`` is given, i.e. training splits; max(H, W) = ``size`` when ``pad`` is False);
+    ``mask_batch`` bool [H, W].
     """
     keys = ["im_batch", "mask_batch", "sent_batch", "text_batch"] + (["im_name_batch"] if im_name is not None else [])
     try:
@@ -196,18 +206,19 @@ def existing_sample_problem(path, ids, sentence, size, im_name=None):
         name = arrays["im_name_batch"]
         if name.dtype.kind != "U" or name.size != 1 or str(name.ravel()[0]) != im_name:
             return "another im_name_batch"
-    if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 or (size and im.shape[:2] != (size, size)):
+    wrong_size = size and (im.shape[:2] != (size, size) if pad else max(im.shape[:2]) != size)
+    if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 or wrong_size:
         return f"image {im.dtype} {list(im.shape)}"
     if mask.dtype != np.bool_ or mask.shape != im.shape[:2]:
         return f"mask {mask.dtype} {list(mask.shape)}"
     return None
 
 
-def process_unit(unit, train, size, resize="skimage013", with_im_name=False):
+def process_unit(unit, train, size, resize="skimage013", with_im_name=False, pad=True):
     """Write the missing or invalid files of one unit (one image + mask, several sentences).
 
     ``unit``: dict(image=path, im_name=ReSTR's image name, mask=('coco', segmentation) | ('referit', mat_path),
-    samples=[(out_path, ids, sentence)]). ``resize``: see ``process_pair``; ``with_im_name``: also write
+    samples=[(out_path, ids, sentence)]). ``resize``, ``pad``: see ``process_pair``; ``with_im_name``: also write
     ``im_name_batch`` = ``unit['im_name']`` (0-d str array, as ReSTR's ``np.savez(im_name_batch=im_name)``). A file
     already there counts as present only if ``existing_sample_problem`` finds none (size checked for training
     splits); otherwise it is rewritten. Returns (written, already_present, (reason, message)
@@ -217,7 +228,7 @@ def process_unit(unit, train, size, resize="skimage013", with_im_name=False):
     for sample in unit["samples"]:
         if os.path.exists(sample[0]):
             why = existing_sample_problem(sample[0], sample[1], sample[2], size if train else None,
-                                          unit["im_name"] if with_im_name else None)
+                                          unit["im_name"] if with_im_name else None, pad)
             if why is None:
                 continue
             replaced.append((sample[0], why))
@@ -226,7 +237,7 @@ def process_unit(unit, train, size, resize="skimage013", with_im_name=False):
     if not todo:
         return 0, present, None, 0, replaced
     try:
-        im, mask = process_pair(*_load_unit_pair(unit), train, size, resize)
+        im, mask = process_pair(*_load_unit_pair(unit), train, size, resize, pad)
     except BadSample as e:
         return 0, present, (e.reason, str(e)), len(todo), replaced
     extra = {"im_name_batch": np.array(unit["im_name"])} if with_im_name else {}
@@ -345,7 +356,8 @@ def parse_args(argv):
     p.add_argument("--family", default="tf1", choices=tuple(FAMILIES),
                    help="model family whose build_batches.py to reproduce: tf1 (RMI, RRN, CMPC, LSTM; default) = "
                         "--img-size 320 --resize skimage013, four keys; restr (ReSTR) = --img-size 480 "
-                        "--resize skimage019, plus im_name_batch")
+                        "--resize skimage019, plus im_name_batch; sag (SaG) = restr's without padding (longer side "
+                        "--img-size)")
     p.add_argument("--img-size", type=int, default=None,
                    help="side of the padded training images (default: the family's, 320 or 480)")
     p.add_argument("--resize", default=None, choices=tuple(im_proc.RESIZE_AND_PAD),
@@ -373,6 +385,10 @@ def parse_args(argv):
     args.img_size = family["img_size"] if args.img_size is None else args.img_size
     args.resize = args.resize or family["resize"]
     args.with_im_name = family["im_name"]
+    args.pad = family["pad"]
+    if not args.pad and args.resize != "skimage019":
+        raise UsageError(f"--family {args.family} resizes with skimage019 (no padding, as its original); "
+                         f"--resize {args.resize} applies to the padded families")
     if args.d not in DATASETS:
         raise UsageError(f"unknown dataset {args.d!r} (choose from {', '.join(DATASETS)})")
     if args.d == "referit":
@@ -418,9 +434,10 @@ def run(args):
     total = sum(len(u["samples"]) for u in units)
     stats = Counter()
     if train:
-        log.info("--family %s: training images resized and padded to %d×%d with --resize %s%s", args.family,
-                 args.img_size, args.img_size, args.resize, ", with im_name_batch" if args.with_im_name else "")
-    tasks = [(u, train, args.img_size, args.resize, args.with_im_name) for u in units]
+        log.info("--family %s: training images resized %s %d×%d with --resize %s%s", args.family,
+                 "and padded to" if args.pad else "to fit inside (no padding)", args.img_size, args.img_size,
+                 args.resize, ", with im_name_batch" if args.with_im_name else "")
+    tasks = [(u, train, args.img_size, args.resize, args.with_im_name, args.pad) for u in units]
     first_replaced = []
     start = time.perf_counter()
     from tqdm import tqdm

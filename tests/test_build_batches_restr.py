@@ -226,3 +226,40 @@ def test_bad_choice_is_a_usage_error(sample_root, tmp_path, extra, capsys):
     with pytest.raises(SystemExit) as e:
         build_batches.main(_argv(sample_root, tmp_path, "unc", "train", *extra))
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_family_sag_fits_without_padding_and_verifies_reruns(sample_root, tmp_path, caplog):
+    """``--family sag``: training images fit inside size×size by min(size/h, size/w) (longer side = size, the other
+    ``np.round``ed), not padded; skimage019 resize, masks thresholded > 0; ``im_name_batch`` as ReSTR's; the same
+    sample order as ``--family restr``; a re-run finds every sample present; ``--resize skimage013`` is refused."""
+    from util.sag_batches import process_pair_nopad
+
+    argv = _argv(sample_root, tmp_path / "sag", "unc", "train", "--family", "sag", "--img-size", str(SIZE))
+    with caplog.at_level(logging.INFO, logger="build_batches"):
+        assert build_batches.main(argv) == 0
+    assert "resized to fit inside (no padding)" in caplog.text
+    assert build_batches.main(_argv(sample_root, tmp_path / "restr", "unc", "train", "--family", "restr",
+                                    "--img-size", str(SIZE))) == 0
+    refer = Refer(os.path.join(sample_root, "external/refer/data"), "refcoco", "unc")
+    file_order = [ref for ref in refer.refs.values() if ref["split"] == "train"]
+    expected = [ref for ref in file_order for _ in ref["sentences"]]
+    shapes = set()
+    samples = _npz(tmp_path / "sag/unc/train_batch")
+    assert len(samples) == len(expected)
+    for z, r, ref in zip(samples, _npz(tmp_path / "restr/unc/train_batch"), expected):
+        assert sorted(z) == sorted(r) and str(z["sent_batch"][0]) == str(r["sent_batch"][0])
+        assert str(z["im_name_batch"]) == str(r["im_name_batch"]) == f"COCO_train2014_{ref['image_id']:012d}"
+        im = im_proc.read_image(os.path.join(sample_root, "data/coco/images/train2014",
+                                             coco_image_name(ref["image_id"])))[0]
+        mask = ann_to_mask(refer.anns[ref["ann_id"]]["segmentation"], *im.shape[:2])
+        want_im, want_mask = process_pair_nopad(im, mask, True, SIZE)
+        np.testing.assert_array_equal(z["im_batch"], want_im)
+        np.testing.assert_array_equal(z["mask_batch"], want_mask)
+        assert max(z["im_batch"].shape[:2]) == SIZE
+        shapes.add(z["im_batch"].shape)
+    assert len(shapes) > 1                                     # not padded to one size
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="build_batches"):
+        assert build_batches.main(argv) == 0
+    assert "0 samples written" in caplog.text
+    assert build_batches.main(argv + ["--resize", "skimage013"]) == 2
