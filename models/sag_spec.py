@@ -125,22 +125,23 @@ class SaGSpec:
         model.noise_generator = tf.random.Generator.from_seed(seed)
         return model
 
-    def initialize(self, model, path, seed):
-        """The ViT from the AugReg ViT-S/16 ``.npz`` ``path`` and BERT from ``self.bert_file``; ``random``: keep the
-        seeded initial values (both)."""
+    def initialize(self, model, path, seed, bert_file=None):
+        """The ViT from the AugReg ViT-S/16 ``.npz`` ``path`` and BERT from ``bert_file`` (default
+        ``self.bert_file``); ``random``: keep the seeded initial values (both)."""
         if path == RANDOM_INIT:
             log.info("Keeping the seeded initial weights (seed %d): no pretrained ViT or BERT", seed)
             return
         log.info("Loading the pretrained ViT from %s", path)
         model.load_augreg(path)
-        log.info("Loading the pretrained BERT from %s", self.bert_file)
-        weights = bert_state_dict(read_safetensors(self.bert_file))
+        bert_file = bert_file or self.bert_file
+        log.info("Loading the pretrained BERT from %s", bert_file)
+        weights = bert_state_dict(read_safetensors(bert_file))
         variables = model.bert.state_dict_variables()
         for key, var in variables.items():
             if key not in weights:
-                raise ValueError(f"{self.bert_file}: no weights for {key}")
+                raise ValueError(f"{bert_file}: no weights for {key}")
             if tuple(weights[key].shape) != tuple(var.shape):
-                raise ValueError(f"{self.bert_file}: {key} has shape {tuple(weights[key].shape)}, the model "
+                raise ValueError(f"{bert_file}: {key} has shape {tuple(weights[key].shape)}, the model "
                                  f"expects {tuple(var.shape)} (another BERT size?)")
         for key, var in variables.items():
             var.assign(weights[key])
@@ -190,6 +191,13 @@ class SaGSpec:
             return self.vocab_file
         return os.path.join(data_dir, "weights", "bert-base-uncased", "vocab.txt")
 
+    def bert_path(self, cfg):
+        """BERT's ``model.safetensors`` beside ``vocab_path(cfg)``."""
+        data_dir = getattr(cfg, "data_dir", None)
+        if not data_dir:
+            return self.bert_file
+        return os.path.join(data_dir, "weights", "bert-base-uncased", "model.safetensors")
+
     def tokenizer(self, path=None):
         """The WordPiece tokenizer of ``path`` (default: this entry's ``vocab_file``), read once per file."""
         from util.wordpiece import WordPiece
@@ -199,12 +207,12 @@ class SaGSpec:
             self._tokenizer = (path, WordPiece(path))
         return self._tokenizer[1]
 
-    def text_batch(self, sentences):
+    def text_batch(self, sentences, tokenizer=None):
         """``data.collate_fn``'s text: sentences → (order, ids int64 [B, L], lengths); batch row j is sample
-        order[j] (images must be permuted the same way)."""
+        order[j] (images must be permuted the same way). ``tokenizer``: default this entry's."""
         from util.wordpiece import collate
 
-        tokenizer = self.tokenizer()
+        tokenizer = tokenizer or self.tokenizer()
         return collate([tokenizer.caption_ids(s) for s in sentences])
 
     def slot_noise(self, model, batch):
@@ -239,6 +247,18 @@ class SaGSpec:
         """``sag.make_optimizer`` with ``--lr`` = ``-lr`` and T_max = ``-i`` (= len(train_loader)·num_epochs in the
         original); the cosine starts at iteration 5000 whatever ``-i``."""
         return sag.make_optimizer(model, lr=lr, t_max=max_iter, num_steps=max_iter)
+
+    def train_input_problem(self, cfg):
+        """Why ``-m train`` cannot start (one line, checked at parse time), else None (``sag_train``)."""
+        from models import sag_train
+
+        return sag_train.train_input_problem(self, cfg)
+
+    def train_loop(self, cfg):
+        """``-m train``: SaG's own step through the shared loop (``models.sag_train.train``)."""
+        from models import sag_train
+
+        sag_train.train(self, cfg)
 
     def train_step(self, model, optimizer):
         """fn(images, ids, noise) → ``sag.train_step`` results: the step the generic one cannot express (loss scaled
