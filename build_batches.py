@@ -317,12 +317,24 @@ def plan_coco(args, out_folder, prefix, vocab, skipped):
     return units
 
 
+def referit_query_file(data_root, split):
+    """The ReferIt query file of ``split``: ``<data_root>/data/referit/referit_query_<split>.json`` (RMI's layout)
+    if it exists, else ``<data_root>/data/referit_query_<split>.json`` (CMPC's and RRN's); AnnotationError naming
+    both when neither exists."""
+    candidates = [os.path.join(data_root, "data", "referit", f"referit_query_{split}.json"),
+                  os.path.join(data_root, "data", f"referit_query_{split}.json")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise AnnotationError(f"ReferIt query file not found: looked for {candidates[0]} (RMI's layout) and "
+                          f"{candidates[1]} (CMPC's and RRN's)")
+
+
 def plan_referit(args, out_folder, prefix, vocab, skipped):
     """Work units of a ReferIt split: one per region key in sorted order (``--family restr``: the JSON's order),
     numbered over its valid queries (a key holding a single string is one query; other malformed values are warned
     and counted, ``load_referit_queries``)."""
-    query_dict, problems, n_bad = load_referit_queries(
-        os.path.join(args.data_root, "data", f"referit_query_{args.t}.json"))
+    query_dict, problems, n_bad = load_referit_queries(referit_query_file(args.data_root, args.t))
     _report_problems(problems, skipped, "bad query entry", n_bad)
     mask_dir = os.path.join(args.data_root, "data", "referit", "mask")
     units, n = [], 0

@@ -3,6 +3,7 @@ import filecmp
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -143,3 +144,35 @@ def test_bad_inputs(tmp_path):
     r = _cli("-d", "unc+", "-t", "val", "--data-root", root, "--output-dir", str(out))
     assert r.returncode == 1 and not (tmp_path / "pwned").exists()
     assert len(_one_line_errors(r.stderr)) == 1 and "refusing to load global posix.system" in r.stderr
+
+
+@pytest.mark.parametrize("layout", ["cmpc_rrn", "rmi"])
+def test_referit_query_file_in_either_layout(sample_root, tmp_path, layout):
+    """``-d referit`` reads ``data/referit_query_<split>.json`` (CMPC/RRN) or ``data/referit/referit_query_<split>.json``
+    (RMI), whichever exists; both give the same samples."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "referit").mkdir()
+    for name in ("vocabulary_referit.txt",):
+        shutil.copy2(os.path.join(sample_root, "data", name), root / "data" / name)
+    for name in ("images", "mask"):
+        (root / "data" / "referit" / name).symlink_to(os.path.join(sample_root, "data", "referit", name))
+    query = os.path.join(sample_root, "data", "referit_query_test.json")
+    target = root / "data" / ("referit" if layout == "rmi" else "") / "referit_query_test.json"
+    shutil.copy2(query, target)
+    out = tmp_path / "out"
+    assert build_batches.main(_argv(str(root), str(out), "referit", None, "test")) == 0
+    written = sorted(os.listdir(out / "referit" / "test_batch"))
+    assert len(written) == _expected_pairs(sample_root, "referit", None, "test")
+
+
+def test_referit_query_file_missing_names_both_paths(sample_root, tmp_path):
+    root = tmp_path / "root"
+    (root / "data" / "referit").mkdir(parents=True)
+    shutil.copy2(os.path.join(sample_root, "data", "vocabulary_referit.txt"), root / "data")
+    r = _cli("-d", "referit", "-t", "test", "--data-root", str(root), "--output-dir", str(tmp_path / "out"))
+    assert r.returncode == 1
+    errors = _one_line_errors(r.stderr)
+    assert len(errors) == 1
+    assert (f"looked for {root}/data/referit/referit_query_test.json (RMI's layout) and "
+            f"{root}/data/referit_query_test.json (CMPC's and RRN's)") in errors[0]
