@@ -35,3 +35,14 @@ def test_bench_smoke_writes_figures(tmp_path):
         parts = entry["seconds"]
         assert entry["batch"] == batch and set(parts) == {"backbone", "head", "loss_and_backward", "update"}
         assert abs(sum(parts.values()) - times["train"]) < 1e-9 and parts["backbone"] == times["backbone"]
+
+
+def test_own_recipe_entries_are_timed_in_eval_only(tmp_path):
+    """SaG (a ``train_loop`` entry): the eval forward is timed and its FLOPs counted; no generic train step."""
+    cfg = RunConfig(mode="bench", model="SaG_tiny", image_size=64, bench_batch_sizes=(1,), bench_parts=True)
+    cfg.bench_repeats, cfg.bench_xla = 2, (False,)
+    result = bench(cfg)
+    assert [(r["kind"], r["batch"]) for r in result["runs"]] == [("eval", 1)]
+    assert result["runs"][0]["images_per_s"] > 0 and result["flops_per_image"]["eval"] > 0
+    assert result["flops_per_image"]["train_step"] is None
+    assert "parts" not in result

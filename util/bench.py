@@ -21,6 +21,10 @@ loss + backward = grads − eval, update = train − grads; ``benchmarks/orig_pa
 original graphs. ``cfg.bench_baseline`` is a JSON of the originals' timings (``../shared/tools/orig_timing``'s
 ``timing`` output, or ``benchmarks/orig_parts.py``'s): each batch-1 figure without XLA is then printed beside the
 original's, with the speed ratio (original time / ours).
+
+Entries that train with their own recipe (a ``train_loop``: TRIS, SaG, whose steps need in-batch texts, negatives,
+a frozen second network or loss scaling and clipping) are timed in eval only; their train steps are not modelled
+here.
 """
 import json
 import logging
@@ -108,9 +112,10 @@ def bench(cfg):
                  if spec.needs_embedding(cfg.emb) else None)
     model = spec.build(cfg.vocab_size, embedding, size, cfg.weights, cfg.seed)
     spec.initialize(model, RANDOM_INIT, cfg.seed)
-    tvars = spec.train_variables(model, cfg.conv5)
-    optimizer = spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
-    losses, objective = spec.losses(model), spec.objective(model)
+    own_recipe = hasattr(spec, "train_loop")
+    tvars = {} if own_recipe else spec.train_variables(model, cfg.conv5)
+    optimizer = None if own_recipe else spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
+    losses, objective = (None, None) if own_recipe else (spec.losses(model), spec.objective(model))
 
     def forward(inputs, training=True):
         return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=training)
@@ -127,11 +132,12 @@ def bench(cfg):
     target_spec = tf.TensorSpec([1, size, size, 1], tf.float32)
     backbone_flops = graph_flops(lambda im: spec.backbone(model, tf.cast(im, dtype)), image_spec)
     eval_flops = graph_flops(probability, image_spec, words_spec)
-    train_flops = graph_flops(train_step().python_function, (image_spec, words_spec), target_spec)
+    train_flops = (float("nan") if own_recipe
+                   else graph_flops(train_step().python_function, (image_spec, words_spec), target_spec))
     peak = matmul_gflops(dtype, repeats)
     result = {"model": cfg.model, "image_size": size, "precision": cfg.precision, "repeats": repeats,
               "flops_per_image": {"backbone": backbone_flops, "head": eval_flops - backbone_flops,
-                                  "eval": eval_flops, "train_step": train_flops},
+                                  "eval": eval_flops, "train_step": None if own_recipe else train_flops},
               "matmul_gflops": peak, "runs": []}
     log.info("%s %dx%d %s: GFLOP per image: backbone %.1f, head %.1f, eval %.1f, train step %.1f; "
              "%d×%d matmul %.0f GFLOP/s", cfg.model, size, size, cfg.precision, backbone_flops / 1e9,
@@ -144,16 +150,17 @@ def bench(cfg):
     state = [v.numpy() for v in tvars.values()]
     for xla in cfg.bench_xla:
         eval_fn = tf.function(probability, jit_compile=xla)
-        step_fn = train_step(xla)
+        step_fn = None if own_recipe else train_step(xla)
         backbone_fn = tf.function(lambda im: spec.backbone(model, tf.cast(im, dtype)), jit_compile=xla)
-        grads_fn = train_step(xla, GradientsOnly())
+        grads_fn = None if own_recipe else train_step(xla, GradientsOnly())
         for batch in cfg.bench_batch_sizes:
             images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
             words = tf.constant(np.tile(np.arange(1, SENTENCE_LENGTH + 1, dtype=np.int32), (batch, 1)))
             target = tf.constant((rng.uniform(size=(batch, size, size, 1)) > 0.7).astype(np.float32))
-            cases = [("eval", lambda: eval_fn(images, words).numpy(), eval_flops),
-                     ("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(), train_flops)]
-            if cfg.bench_parts:
+            cases = [("eval", lambda: eval_fn(images, words).numpy(), eval_flops)]
+            if not own_recipe:
+                cases.append(("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(), train_flops))
+            if cfg.bench_parts and not own_recipe:
                 cases[1:1] = [("backbone", lambda: [v.numpy() for v in backbone_fn(images).values()], backbone_flops),
                               ("grads", lambda: grads_fn((images, words), target)[0]["cost"].numpy(), None)]
             for kind, fn, flops in cases:
@@ -175,7 +182,7 @@ def bench(cfg):
                 log.info("%-8s batch %2d xla %-5s %8.3f s  %7.2f images/s  %7.1f GFLOP/s  %5.1f %% of matmul  "
                          "peak RSS %.0f MB%s", kind, batch, xla, seconds, images_per_s, run.get("gflops", float("nan")),
                          run.get("percent_of_matmul", float("nan")), run["peak_rss_mb"], compared)
-            if cfg.bench_parts:
+            if cfg.bench_parts and not own_recipe:
                 t = {r["kind"]: r["median_s"] for r in result["runs"] if r["batch"] == batch and r["xla"] == xla}
                 parts = {"backbone": t["backbone"], "head": t["eval"] - t["backbone"],
                          "loss_and_backward": t["grads"] - t["eval"], "update": t["train"] - t["grads"]}
