@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models.restr import ReSTR  # noqa: E402
-from util.config import error_line  # noqa: E402
-from util.pth import PthError, load_state_dict  # noqa: E402
+from util.config import run_converter  # noqa: E402
+from util.pth import load_state_dict  # noqa: E402
 from util.snapshots import write_checkpoint_atomic  # noqa: E402
 
 log = logging.getLogger("convert_restr")
@@ -103,17 +103,10 @@ def main(argv=None):
     parser.add_argument("--input-size", type=_size, default=None, help="H,W for a non-square position grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        tensors, parameters = convert(args.src, args.out, args.heads, args.input_size)
-    except (FileNotFoundError, PthError, ValueError) as e:
-        log.error("error: %s", e)
-        return 2
-    except (OSError, tf.errors.OpError) as e:
-        log.error("error: %s", error_line(e))
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted; %s not written", args.out)
-        return 130
+    code, result = run_converter(lambda: convert(args.src, args.out, args.heads, args.input_size), args.out, log)
+    if code:
+        return code
+    tensors, parameters = result
     log.info("%d tensors, %d parameters", tensors, parameters)
     log.info("wrote %s", args.out)
     return 0

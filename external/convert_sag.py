@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models.sag import SaG  # noqa: E402
-from util.config import error_line  # noqa: E402
+from util.config import run_converter  # noqa: E402
 from util.pth import PthError, load_pth  # noqa: E402
 from util.snapshots import write_checkpoint_atomic  # noqa: E402
 
@@ -134,17 +134,10 @@ def main(argv=None):
     parser.add_argument("--bert-heads", type=int, default=12, help="BERT attention heads (not stored; base: 12)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        keys, parameters = convert(args.src, args.out, args.vit_heads, args.bert_heads)
-    except (FileNotFoundError, PthError, ValueError) as e:
-        log.error("error: %s", e)
-        return 2
-    except (OSError, tf.errors.OpError) as e:
-        log.error("error: %s", error_line(e))
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted; %s not written", args.out)
-        return 130
+    code, result = run_converter(lambda: convert(args.src, args.out, args.vit_heads, args.bert_heads), args.out, log)
+    if code:
+        return code
+    keys, parameters = result
     log.info("%d state_dict keys, %d parameters", keys, parameters)
     log.info("wrote %s", args.out)
     return 0

@@ -30,7 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 from models import MODEL_NAMES, build_model, canonical_name  # noqa: E402
 from util.checkpoints import CheckpointMismatch, read_tf1_checkpoint  # noqa: E402
-from util.config import error_line  # noqa: E402
+from util.config import run_converter  # noqa: E402
 from util.optim import TF1Adam  # noqa: E402
 from util.snapshots import is_tf2_checkpoint, restore_model, write_checkpoint_atomic  # noqa: E402
 
@@ -80,17 +80,10 @@ def main(argv=None):
     parser.add_argument("--with-optimizer", action="store_true", help="carry the Adam state and step counter")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        report = convert(args.src, args.out, args.n, args.w, args.with_optimizer)
-    except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
-        log.error("error: %s", e)
-        return 2
-    except (OSError, tf.errors.OpError) as e:
-        log.error("error: %s", error_line(e))
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted; %s not written", args.out)
-        return 130
+    code, result = run_converter(lambda: convert(args.src, args.out, args.n, args.w, args.with_optimizer), args.out, log)
+    if code:
+        return code
+    report = result
     for part in ("head", "backbone", "optimizer"):
         if part in report:
             log.info("%-9s %4d loaded, %d unexpected", part, len(report[part]["loaded"]), len(report[part]["unexpected"]))

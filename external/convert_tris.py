@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models import tris  # noqa: E402
-from util.config import error_line  # noqa: E402
-from util.pth import PthError, load_pth  # noqa: E402
+from util.config import run_converter  # noqa: E402
+from util.pth import load_pth  # noqa: E402
 from util.snapshots import write_checkpoint_atomic  # noqa: E402
 
 log = logging.getLogger("convert_tris")
@@ -60,17 +60,10 @@ def main(argv=None):
     parser.add_argument("out", help="output prefix of the TF2 checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        stage, tensors, parameters = convert(args.src, args.out)
-    except (FileNotFoundError, PthError, ValueError) as e:
-        log.error("error: %s", e)
-        return 2
-    except (OSError, tf.errors.OpError) as e:
-        log.error("error: %s", error_line(e))
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted; %s not written", args.out)
-        return 130
+    code, result = run_converter(lambda: convert(args.src, args.out), args.out, log)
+    if code:
+        return code
+    stage, tensors, parameters = result
     log.info("TRIS stage %d: %d tensors, %d parameters", stage, tensors, parameters)
     log.info("wrote %s", args.out)
     return 0

@@ -28,6 +28,7 @@ class RunConfig:
     seed: int = 0
     batch_root: str = "."
     data_dir: str = "data"
+    data_root: str = "."
     init_weights: str = None
     resume_from: str = None
     vis_folder: str = None
@@ -129,3 +130,23 @@ def error_line(e):
     tf = sys.modules.get("tensorflow")
     text = e.message if tf is not None and isinstance(e, tf.errors.OpError) else str(e)
     return (text.strip().splitlines() or [type(e).__name__])[0][:500]
+
+
+def run_converter(convert, out, log):
+    """Run ``convert()`` as every converter in ``external/`` does and return (exit code, its result or None): bad
+    input (a missing file, a file that is not what it should be: ``FileNotFoundError`` / ``ValueError``) →
+    ``error: <message>``, 2; an OS or TensorFlow error → ``error: <error_line>``, 1; Ctrl-C → ``interrupted; <out>
+    not written``, 130; each as one line on ``log``."""
+    tf = sys.modules.get("tensorflow")
+    system_errors = (OSError,) + ((tf.errors.OpError,) if tf is not None else ())
+    try:
+        return 0, convert()
+    except (FileNotFoundError, ValueError) as e:
+        log.error("error: %s", e)
+        return 2, None
+    except system_errors as e:
+        log.error("error: %s", error_line(e))
+        return 1, None
+    except KeyboardInterrupt:
+        log.error("interrupted; %s not written", out)
+        return 130, None
