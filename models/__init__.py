@@ -354,13 +354,9 @@ class ReSTRSpec:
         return restore_model(model, path, optimizer)
 
     def find_snapshot(self, candidates):
-        from util.checkpoints import checkpoint_exists
+        from util.snapshots import find_snapshot
 
-        for path in candidates:
-            if (os.path.isfile(path) if path.endswith(".pth") else checkpoint_exists(path)):
-                return path
-        raise FileNotFoundError("snapshot not found; looked for " + ", ".join(
-            c if c.endswith(".pth") else f"{c}.index" for c in candidates))
+        return find_snapshot(candidates)
 
     def load_trained(self, path, cfg):
         """A ``.pth`` builds the model its tensors describe (``external.convert_restr``: vocabulary, widths and depths
@@ -479,7 +475,8 @@ _SPECS = {
     "ReSTR_tiny": ReSTRSpec("ReSTR_tiny", Defaults(400000, 5000, None, 4, 1e-5, 8, 480), _TINY, RANDOM_INIT),
     "SaG": SaGSpec("SaG", Defaults(**SAG_DEFAULTS), SAG_SIZES, AUGREG_S16_FILE),
     "SaG_tiny": SaGSpec("SaG_tiny", Defaults(**SAG_DEFAULTS), SAG_TINY_SIZES, RANDOM_INIT),
-    # TRIS counts epochs (15, batch 48, lr 5e-5 at 320); -i/-s here are not the original's units (training not wired)
+    # TRIS counts epochs (15, batch 48, lr 5e-5 at 320); -i = epochs × ceil(train refs / batch): 13200 = 15 × 880
+    # (refcocog umd); the stage-1 LambdaLR runs over -i iterations
     "TRIS_stage1": TRISSpec("TRIS_stage1", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 1),
     "TRIS_stage2": TRISSpec("TRIS_stage2", Defaults(13200, 880, None, 4, 5e-5, 48, 320), 2),
 }

@@ -145,12 +145,18 @@ class Snapshots:
         return final
 
 
+TORCH_SUFFIXES = (".pth", ".pth.tar")
+
+
 def find_snapshot(candidates):
-    """First existing checkpoint prefix among ``candidates``; FileNotFoundError listing them all otherwise."""
-    for prefix in candidates:
-        if checkpoint_exists(prefix):
-            return prefix
-    raise FileNotFoundError("snapshot not found; looked for " + ", ".join(f"{c}.index" for c in candidates))
+    """First existing snapshot among ``candidates``: a checkpoint prefix (its ``.index`` present) or, for a name
+    ending in ``.pth`` / ``.pth.tar`` (the PyTorch originals' files), that file; FileNotFoundError listing them all
+    otherwise."""
+    for candidate in candidates:
+        if os.path.isfile(candidate) if candidate.endswith(TORCH_SUFFIXES) else checkpoint_exists(candidate):
+            return candidate
+    raise FileNotFoundError("snapshot not found; looked for " + ", ".join(
+        c if c.endswith(TORCH_SUFFIXES) else f"{c}.index" for c in candidates))
 
 
 def restore_model(model, prefix, optimizer=None):
