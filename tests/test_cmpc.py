@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from models.cmpc import CMPCHead, first_word_mask, masked_softmax
+from tests.golden_check import check_after_step, check_small_gradient_entries
 from util.checkpoints import load_tf1_variables
 from util.optim import TF1Adam, l2_regularization
 from util.train import make_train_step
@@ -84,25 +85,6 @@ def test_golden_eval(golden, head, k):
         assert diff <= REL_TOL, (name, diff)
 
 
-def check_after_step(name, ours, ref, before, tol):
-    """The step_tolerances.json rule for one after-step tensor; returns the relative diff."""
-    zero_grad = tol["zero_gradient"]["variables"]
-    diff = rel_diff(ours, ref)
-    if name in zero_grad:
-        for value in (ours, ref):
-            assert np.max(np.abs(value - before)) <= START_LR, name
-    elif any(name == f"text_objseg/{v}/Adam" for v in zero_grad):
-        assert np.max(np.abs(ours)) <= 1e-7 and np.max(np.abs(ref)) <= 1e-7, name
-    elif any(name == f"text_objseg/{v}/Adam_1" for v in zero_grad):
-        for value in (ours, ref):
-            assert 0.0 <= np.min(value) and np.max(value) <= 1e-13, name
-    elif name in tol["cancellation"]["tensors"]:
-        assert diff <= tol["cancellation"]["rel_tol"], (name, diff)
-    else:
-        assert diff <= tol["default_rel_tol"], (name, diff)
-    return diff
-
-
 def test_golden_train_step(golden):
     npz, tol = golden["npz"], golden["tol"]
     head = build_head(golden)
@@ -122,8 +104,10 @@ def test_golden_train_step(golden):
     assert sorted(f"after_step1__{name.replace('/', '__')}" for name in state) == golden_keys
     diffs = {}
     for name, var in state.items():
+        variable = name in before
+        m_ref = npz[f"after_step1__{opt.scope}__{name.replace('/', '__')}__Adam"] if variable else None
         diffs[name] = check_after_step(name, var.numpy(), npz[f"after_step1__{name.replace('/', '__')}"],
-                                       before.get(name), tol)
+                                       before.get(name), tol, START_LR, m_ref=m_ref, variable=variable)
     exempt = set(tol["cancellation"]["tensors"]) | {
         f"{prefix}{v}{suffix}" for v in tol["zero_gradient"]["variables"]
         for prefix, suffix in (("", ""), ("text_objseg/", "/Adam"), ("text_objseg/", "/Adam_1"))}
@@ -193,3 +177,26 @@ def test_degenerate_sentences_are_finite(golden, head):
     words[1, -1] = 9
     outputs = head(features, words)
     assert all(np.isfinite(outputs[name].numpy()).all() for name in OUTPUTS)
+
+
+def test_small_gradient_rule_catches_a_wrong_update_on_a_large_gradient_entry(golden):
+    """``small_gradient_entries`` as step_tolerances.json states it: entries whose reference gradient (Adam m /
+    (1 − β1)) is under rel_to_max of the tensor's largest may be up to the learning rate off; every other entry keeps
+    1e-5 · max|ref|, so a wrong update on a large-gradient entry fails."""
+    tol = golden["tol"]
+    ref = np.linspace(-1.0, 1.0, 64).reshape(8, 8)
+    m_ref = np.full((8, 8), 1e-2)
+    m_ref[0, 0], m_ref[3, 3] = 1.0, 1e-4                # the largest gradient; one a 1e-4 fraction of it
+    name = "text_objseg/c4_lateral/DW"
+
+    noisy = ref.copy()
+    noisy[3, 3] += 1.14e-4                              # 10× the measured noise, still under the learning rate
+    assert check_after_step(name, noisy, ref, ref, tol, START_LR, m_ref=m_ref) == 0.0
+    for entry, delta in (((0, 0), 2e-5), ((5, 5), 2e-5), ((3, 3), 2 * START_LR)):
+        wrong = ref.copy()
+        wrong[entry] += delta
+        with pytest.raises(AssertionError):
+            check_after_step(name, wrong, ref, ref, tol, START_LR, m_ref=m_ref)
+    with pytest.raises(AssertionError):
+        check_small_gradient_entries(name, noisy, ref, m_ref, dict(tol["small_gradient_entries"], rel_to_max=1e-5),
+                                     START_LR)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from models.layers import resize_bilinear_legacy
 from models.lstm_baseline import LSTMHead
 from models.rmi import RMIHead
+from tests.golden_check import assert_close, relative_diff
 from util.checkpoints import load_tf1_variables
 from util.optim import TF1Adam
 from util.train import make_train_step
@@ -26,19 +27,6 @@ START_LR = 2.5e-4
 HEADS = {"RMI": RMIHead, "LSTM": LSTMHead}
 OUTPUTS = {"RMI": ("pred", "up", "sigm", "mult_state"), "LSTM": ("pred", "up", "sigm")}
 OPTIMIZER_STATE = ("/Adam", "/Adam_1", "/beta1_power", "/beta2_power", "/Variable")
-
-
-def relative_diff(actual, ref):
-    """max|actual − ref| / max|ref|."""
-    actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
-    assert actual.shape == ref.shape, (actual.shape, ref.shape)
-    return np.abs(actual - ref).max() / max(np.abs(ref).max(), np.finfo(np.float32).tiny)
-
-
-def assert_close(label, actual, ref, tol=TOL):
-    rel = relative_diff(actual, ref)
-    log.info("%s: max rel diff %.3g", label, rel)
-    assert rel <= tol, f"{label}: max|diff| = {rel:.3g} × max|ref| > {tol}"
 
 
 def golden_config(golden_dir, model):

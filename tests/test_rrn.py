@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from models.rrn import RRNHead
+from tests.golden_check import assert_close, relative_diff
 from util.checkpoints import load_tf1_variables
 from util.optim import TF1Adam, l2_regularization
 from util.train import make_train_step
@@ -33,20 +34,6 @@ CREATION_ORDER = (
     + [f"{CONVLSTM}/W_co"]
     + [f"{CONVLSTM}/LayerNorm{s}/{v}" for s in ("_3", "_4") for v in ("beta", "gamma")]
     + ["text_objseg/score/DW", "text_objseg/score/biases"])
-
-
-def relative_diff(actual, ref):
-    """max|actual − ref| / max|ref|."""
-    actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
-    assert actual.shape == ref.shape, (actual.shape, ref.shape)
-    return np.abs(actual - ref).max() / max(np.abs(ref).max(), np.finfo(np.float32).tiny)
-
-
-def assert_close(label, actual, ref, tol=TOL):
-    rel = relative_diff(actual, ref)
-    log.info("%s: max rel diff %.3g", label, rel)
-    assert rel <= tol, f"{label}: max|diff| = {rel:.3g} × max|ref| > {tol}"
-
 
 
 @pytest.fixture(scope="module")
