@@ -100,6 +100,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisers and the per-epoch shuffles")
     p.add_argument("--batch-root", default=".", help="folder holding <dataset>/<split>_batch (default .)")
     p.add_argument("--data-dir", default="data", help="folder of the *_emb.npy files (default data)")
+    p.add_argument("--data-root", default=".",
+                   help="train (TRIS): folder holding data/coco/images/train2014 and external/refer/data, as "
+                        "build_batches.py --data-root (default .)")
     p.add_argument("--init-weights", default=None, help="backbone initialisation checkpoint (default: the original path; "
                    "'random' for seeded stand-in weights)")
     p.add_argument("--resume-from", default=None, help="train: continue from this snapshot (ours or an original TF1 one)")
@@ -170,7 +173,8 @@ def command_line_problem(args):
     Checked: ``-t`` given for train/test; ``-f`` given where needed, a folder (train: writable or creatable);
     ``--logdir`` / ``--vis-dir`` writable; ``--export-dir`` given, its parent writable and replaceable
     (``util.export.check_export_dir``); ``--bench-json``'s folder writable; in training, ``--img-size`` equal to the
-    size the first training sample was built at."""
+    size the first training sample was built at, or what the registry entry's ``train_input_problem`` checks (TRIS:
+    the refer files, images, BPE and ViT-B/32 files, the initial weights)."""
     from util import data
 
     if args.m in ("train", "test") and args.t is None:
@@ -210,6 +214,8 @@ def command_line_problem(args):
     problems = [p for p in problems if p]
     if problems:
         return problems[0]
+    if args.m == "train" and hasattr(cfg.spec, "train_input_problem"):
+        return cfg.spec.train_input_problem(cfg)
     if args.m == "train":
         found = data.sample_image_size(cfg.batch_folder, cfg.batch_prefix, cfg.data_format)
         if found and found[:2] != (cfg.image_size, cfg.image_size):
@@ -227,7 +233,7 @@ def config_from_args(args):
         mode=args.m, model=canonical_name(args.n), dataset=args.d, split=args.t, iteration=args.i, snapshot=args.s,
         stop_iter=args.st, folder=args.f, lr=args.lr, batch_size=args.bs, visualize=args.v, dcrf=args.c,
         emb=args.emb, conv5=args.conv5, weights=args.w, image_size=args.img_size, seed=args.seed,
-        batch_root=args.batch_root, data_dir=args.data_dir, init_weights=args.init_weights,
+        batch_root=args.batch_root, data_dir=args.data_dir, data_root=args.data_root, init_weights=args.init_weights,
         resume_from=args.resume_from, vis_folder=args.vis_dir, xla=args.xla, log_every=args.log_every,
         progress=sys.stderr.isatty(), precision=args.precision, strategy=args.strategy, logdir=args.logdir,
         summary_every=args.summary_every, image_summary_every=args.image_summary_every, export_dir=args.export_dir,

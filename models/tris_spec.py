@@ -10,8 +10,9 @@ logits > 0 and, as coded, a map whose maximum is negative flips sign). The predi
 per-sentence results (I, U, PointM; Hit needs the ground-truth box, which our ``.npz`` samples do not carry) in
 ``predict.tris_results`` / ``spec.last_results`` for ``tris.summarize``.
 
-Training through the generic loop is not wired: stage 1 needs in-batch texts, negatives and the frozen CLIP ViT-B/32
-(``tris.stage1_losses``), stage 2 IRNet pseudo masks (``tris.stage2_losses``); ``losses`` says so in one line.
+Training has its own recipe (``train_loop``, the generic loop's hook; ``train_input_problem`` checks the command
+line): stage 1 in ``models.tris_train`` (the refer files read directly, in-batch texts, negatives, the frozen CLIP
+ViT-B/32); stage 2 (IRNet pseudo masks, ``tris.stage2_losses``) is not wired.
 """
 import logging
 import os
@@ -150,9 +151,19 @@ class TRISSpec:
         return model.backbone.encode_image(images, attnpool=False)[3]
 
     def losses(self, model):
-        raise NotImplementedError(f"{self.name}: training through -m train is not wired (stage 1 needs in-batch texts, "
-                                  "negatives and the frozen CLIP ViT-B/32, stage 2 IRNet pseudo masks); see "
-                                  "models.tris.stage1_losses / stage2_losses")
+        raise NotImplementedError(f"{self.name}: TRIS trains through train_loop, not the generic .npz step")
+
+    def train_input_problem(self, cfg):
+        """Why ``-m train`` cannot start (one line, at parse time), else None (``tris_train.train_input_problem``)."""
+        from models import tris_train
+
+        return tris_train.train_input_problem(self, cfg)
+
+    def train_loop(self, cfg):
+        """``-m train``: stage 1 as ``train_stage1.py`` trains it (``models.tris_train.train_stage1``)."""
+        from models import tris_train
+
+        tris_train.train_stage1(self, cfg)
 
     def probability(self, values):
         return np.asarray(values, np.float64)
