@@ -22,7 +22,8 @@ Optimizer (``train_stage1.main``): ``util.adamw.AdamW`` with group 0 = every bac
 (1 − t/(len(loader)·epochs))^0.9 stepped every iteration, with len(loader)·epochs = ``-i`` (pass ``-i`` = epochs ×
 ceil(train refs / batch) for the original's schedule). Initial weights: a TRIS stage-1 ``.pth`` (``--init-weights``;
 the model takes its sizes from it). OpenAI's CLIP RN50 TorchScript archive, TRIS's starting point, is not read.
-Snapshots: ours (``util.snapshots``: atomic, model + optimizer state, resume from the newest complete and finite one).
+Loop and snapshots: ``util.loop.run_training`` (ours: atomic, model + optimizer state, resume from the newest complete
+and finite one).
 No per-epoch validation or best-mIoU/Hit checkpoints (evaluate a snapshot with ``-m test``).
 """
 import logging
@@ -220,13 +221,13 @@ def make_step(model, vit, optimizer):
 
 
 def train_stage1(spec, cfg):
-    """``train_stage1.main`` without validation: ``cfg.max_iter`` iterations (stop at ``cfg.stop_iter``), a
-    snapshot every ``cfg.snapshot`` and at the end; resumes from the newest good snapshot in ``-f`` (else
-    ``--resume-from``). Raises ``util.train.TrainingDiverged`` on a non-finite loss or weights."""
+    """``train_stage1.main`` without validation, through the shared own-recipe loop (``util.loop.run_training``:
+    ``cfg.max_iter`` iterations, stop at ``cfg.stop_iter``, a snapshot every ``cfg.snapshot`` and at the end, resume
+    from the newest good snapshot in ``-f`` else ``--resume-from``, ``TrainingDiverged`` on a non-finite loss or
+    weights). Logged terms: ``loss`` and l1, l4, l5 of ``stage1_losses``; ``lr`` is group 0's (the backbone's)."""
     from models import tris
+    from util.loop import run_training
     from util.pth import load_pth
-    from util.snapshots import NonFiniteWeights, Snapshots
-    from util.train import TrainingDiverged
 
     problem = train_input_problem(spec, cfg)
     if problem:
@@ -241,36 +242,12 @@ def train_stage1(spec, cfg):
                                             cfg.init_weights)
     model.model_name = spec.name
     optimizer = make_optimizer(model, cfg.lr, cfg.max_iter)
-    snapshots = Snapshots(cfg.snapshot_folder, cfg.snapshot_name, keep=cfg.keep_snapshots)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    _, latest = snapshots.latest_good()
-    resume = latest or cfg.resume_from
-    if resume:
-        spec.restore(model, resume, optimizer)
-        log.info("resuming from %s (iteration %d)", resume, int(optimizer.step.numpy()))
-    start = int(optimizer.step.numpy())
-    step = make_step(model, vit, optimizer)
+    step_fn = make_step(model, vit, optimizer)
 
-    def last_good():
-        return snapshots.latest_good()[1] or "(none yet)"
-
-    for n_iter in range(start, cfg.max_iter):
+    def step(n_iter):
         images, ids, neg_ids = data.batch(n_iter, cfg.batch_size, cfg.seed)
-        losses, lr = step(tf.constant(images), tf.constant(ids), tf.constant(neg_ids))
-        values = {k: float(v) for k, v in losses.items()}
-        if not np.isfinite(values["loss"]):
-            raise TrainingDiverged(f"loss is {values['loss']} at iteration {n_iter}: stopping; the last good "
-                                   f"snapshot is {last_good()}")
-        if n_iter % cfg.log_every == 0:
-            log.info("iter = %d, loss = %f, l1 = %f, l4 = %f, l5 = %f, lr = %g", n_iter, values["loss"],
-                     values["fg_loss_l1"], values["cls_loss_l4"], values["cbs_loss_l5"], float(lr))
-        if (n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter:
-            try:
-                log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1, (model, optimizer)))
-            except NonFiniteWeights as e:
-                raise TrainingDiverged(f"weights are not finite after iteration {n_iter}: {e}; stopping; the last "
-                                       f"good snapshot is {last_good()}") from None
-        if n_iter + 1 >= cfg.stop_iter:
-            log.info("stop training at iter %d", cfg.stop_iter)
-            break
-    log.info("Optimization done.")
+        losses, lr = step_fn(tf.constant(images), tf.constant(ids), tf.constant(neg_ids))
+        return {"loss": float(losses["loss"]), "lr": float(lr), "l1": float(losses["fg_loss_l1"]),
+                "l4": float(losses["cls_loss_l4"]), "l5": float(losses["cbs_loss_l5"])}
+
+    run_training(cfg, model, optimizer, step, lambda path: spec.restore(model, path, optimizer))

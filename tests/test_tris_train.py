@@ -56,9 +56,14 @@ def command(sample, weights, folder, *extra):
 
 
 def logged(out):
-    """{iteration: (loss, l4)} from the log lines."""
-    return {int(m.group(1)): (float(m.group(2)), float(m.group(3)))
-            for m in re.finditer(r"iter = (\d+), loss = ([-0-9.e]+), l1 = [-0-9.e]+, l4 = ([-0-9.e]+)", out)}
+    """{iteration: (loss, l4)} from the loop's two log lines."""
+    def found(pattern):
+        return {int(m.group(1)): float(m.group(2)) for m in re.finditer(pattern, out)}
+
+    loss = found(r"iter = (\d+), loss \(cur\) = ([-0-9.e]+)")
+    l4 = found(r"iter = (\d+), l1 = [-0-9.e]+, l4 = ([-0-9.e]+)")
+    assert sorted(loss) == sorted(l4), out[-2000:]
+    return {i: (loss[i], l4[i]) for i in loss}
 
 
 def mean_loss(losses, iterations):
