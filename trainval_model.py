@@ -3,6 +3,7 @@
     python trainval_model.py -m train -d unc -t train -n CMPC_model -emb -f ckpts/unc/cmpc_model
     python trainval_model.py -m test -d unc -t val -n CMPC_model -i 700000 -c -emb -f ckpts/unc/cmpc_model
     python trainval_model.py -m train -w deeplab -n RMI -d unc -t train        (RMI's main.py flags)
+    python trainval_model.py -m table -n CMPC_model -i 700000 -c -emb -f ckpts/unc/cmpc_model     (util/table.py)
 """
 import argparse
 import logging
@@ -13,7 +14,7 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODES = ("train", "test", "bench", "export")
+MODES = ("train", "test", "bench", "export", "table")
 DATASETS = ("Gref", "unc", "unc+", "referit")
 SPLITS = ("train", "trainval", "val", "test", "testA", "testB")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -255,7 +256,8 @@ def interrupted_note(args):
         latest = Snapshots(cfg.snapshot_folder, cfg.snapshot_name).latest_good()[1]
         return f"the last complete snapshot is {latest or '(none yet)'}"
     return {"test": "no metrics written", "export": "no SavedModel written",
-            "bench": "no figures written"}[args.m]
+            "bench": "no figures written",
+            "table": "finished splits are cached beside the snapshots; the same command continues"}[args.m]
 
 
 def main(argv=None):
@@ -293,6 +295,9 @@ def run(args):
         elif cfg.mode == "bench":
             from util.bench import bench
             bench(cfg)
+        elif cfg.mode == "table":
+            from util.table import table
+            table(cfg)
         else:
             from util.export import export
             export(cfg)
