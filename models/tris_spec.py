@@ -112,13 +112,9 @@ class TRISSpec:
         return restore_model(model, path, optimizer)
 
     def find_snapshot(self, candidates):
-        from util.checkpoints import checkpoint_exists
+        from util.snapshots import find_snapshot
 
-        for path in candidates:
-            if (os.path.isfile(path) if path.endswith(".pth") else checkpoint_exists(path)):
-                return path
-        raise FileNotFoundError("snapshot not found; looked for " + ", ".join(
-            c if c.endswith(".pth") else f"{c}.index" for c in candidates))
+        return find_snapshot(candidates)
 
     def load_trained(self, path, cfg):
         """A ``.pth`` builds the model its tensors describe (strict; a checkpoint of the other stage is refused in
