@@ -107,6 +107,7 @@ class TF1Spec:
     supports_crf = True
     exportable = True
     reads_sentences = False        # the predictor reads ``text_batch`` (ids of the GloVe-era vocabulary)
+    batch_family = "tf1"           # build_batches.py --family of its .npz files
 
     def __init__(self, name, defaults, short_name=None, glove=False):
         self.name, self.defaults, self.short_name, self.glove = name, defaults, short_name, glove
@@ -287,6 +288,7 @@ class ReSTRSpec:
     supports_crf = False
     exportable = True
     reads_sentences = False
+    batch_family = "restr"
 
     def __init__(self, name, defaults, sizes, init_weights):
         self.name, self.defaults, self.sizes, self.init_weights = name, defaults, dict(sizes), init_weights

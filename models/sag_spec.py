@@ -90,6 +90,7 @@ class SaGSpec:
     supports_crf = False
     exportable = False          # the PIL antialiased resize has no exact TF-graph equivalent
     reads_sentences = True      # the predictor tokenizes ``sent_batch`` itself (WordPiece), not ``text_batch``
+    batch_family = "sag"
 
     def __init__(self, name, defaults, sizes, init_weights, vocab_file=BERT_VOCAB_FILE, bert_file=BERT_WEIGHTS_FILE):
         self.name, self.defaults, self.sizes = name, defaults, dict(sizes)

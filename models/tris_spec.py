@@ -43,6 +43,7 @@ class TRISSpec:
     supports_crf = False
     exportable = False             # the SavedModel's in-graph tokenizer is the GloVe vocabulary's, not CLIP's BPE
     reads_sentences = True         # the predictor tokenizes ``sent_batch`` itself (CLIP BPE), not ``text_batch``
+    batch_family = "tf1"           # evaluation .npz files (training reads the refer files directly)
 
     def __init__(self, name, defaults, stage, bpe_file=None):
         self.name, self.defaults, self.stage = name, defaults, stage

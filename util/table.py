@@ -164,7 +164,7 @@ def locate(scfg):
     except FileNotFoundError:
         return None, None, {"missing": f"batches {scfg.batch_folder}/{scfg.batch_prefix}_0.npz",
                             "command": build_command(scfg.dataset, scfg.split,
-                                                     getattr(scfg.spec, "batch_family", "tf1"))}
+                                                     scfg.spec.batch_family)}
     try:
         prefix = scfg.spec.find_snapshot(scfg.snapshot_candidates(scfg.iteration))
     except FileNotFoundError:
