@@ -141,7 +141,8 @@ class TRISSpec:
         return np.clip((np.asarray(network_input, np.float64) * tris.IMAGENET_STD + tris.IMAGENET_MEAN) * 255, 0, 255)
 
     def forward(self, model, images, words, training=False):
-        return model(images, words, training=training)
+        """{"output": the response map (stage 1) or logits (stage 2) [B, S', S', 1]} (``score_key``)."""
+        return {"output": model(images, words, training=training)}
 
     def backbone(self, model, images):
         """c4 of the CLIP RN50 (the attention pool is skipped)."""
@@ -195,10 +196,12 @@ class TRISSpec:
         return tris.preprocess(display), display[0]
 
     def serving_output(self, outputs, height, width):
-        """The evaluation's mask at height × width (uint8) and the max-normalised map at S×S."""
+        """The evaluation's mask at height × width (uint8) and the max-normalised map at S×S, from ``forward``'s
+        outputs."""
         from util.torch_image import resize_bilinear_align_corners
         from models import tris
 
+        outputs = outputs["output"]
         pred = resize_bilinear_align_corners(outputs, (height, width))[0, :, :, 0]
         pred = pred / (tf.reduce_max(pred) + 1e-5)
         return tf.cast(pred > tris.EVAL_THRESHOLD, tf.uint8), (outputs / (tf.reduce_max(outputs) + 1e-5))[0, :, :, 0]

@@ -89,7 +89,7 @@ def test_serving_path_matches_the_evaluation(golden):
     network_input, display = spec.serving_input(tf.constant(image), 96)
     assert np.max(np.abs(display.numpy().astype(int) - stretch_rgb(image, 96).astype(int))) <= 1
     exact_input = tris.preprocess(stretch_rgb(image, 96)[None])
-    output = model(exact_input, tf.constant(npz["input__val_word_ids__0"][:, :1].T))
+    output = spec.forward(model, exact_input, tf.constant(npz["input__val_word_ids__0"][:, :1].T))
     mask, prob = spec.serving_output(output, *image.shape[:2])
     np.testing.assert_array_equal(mask.numpy(), npz["s1_val__hard_pred__0"])
     assert prob.shape == (96, 96) and float(tf.reduce_max(prob)) < 1.0
