@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start on the bundled sample dataset: generate it (real formats), build its batches, train RRN (batch 4,
 # learning rate 0.002) from seeded stand-in backbone weights (no pretrained weights are bundled), test it on the val
-# split with DenseCRF and write PNGs and TensorBoard summaries. Measured: overall IoU 0.27 (0.30 with DenseCRF) after
-# 300 iterations; its first foreground predictions come at about iteration 170 (README, "Two commands on a fresh machine").
+# split with DenseCRF and write PNGs and TensorBoard summaries. Measured: overall IoU 0.25-0.27 (0.28-0.30 with DenseCRF)
+# after 300 iterations, 622 s on 2 idle cores; its first foreground predictions come at about iteration 170 (README,
+# "Two commands on a fresh machine").
 # Usage: bash quickstart.sh [FOLDER] [ITERATIONS]
 set -euo pipefail
 cd "$(dirname "$0")"
