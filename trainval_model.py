@@ -215,7 +215,7 @@ def command_line_problem(args):
     problems = [p for p in problems if p]
     if problems:
         return problems[0]
-    if args.m == "train" and hasattr(cfg.spec, "train_input_problem"):
+    if args.m == "train" and cfg.spec.train_loop is not None:
         return cfg.spec.train_input_problem(cfg)
     if args.m == "train":
         found = data.sample_image_size(cfg.batch_folder, cfg.batch_prefix, cfg.data_format)

@@ -108,6 +108,7 @@ class TF1Spec:
     exportable = True
     reads_sentences = False        # the predictor reads ``text_batch`` (ids of the GloVe-era vocabulary)
     batch_family = "tf1"           # build_batches.py --family of its .npz files
+    train_loop = None              # trains through util.train's generic step (TRIS and SaG bring their own loop)
 
     def __init__(self, name, defaults, short_name=None, glove=False):
         self.name, self.defaults, self.short_name, self.glove = name, defaults, short_name, glove
@@ -289,6 +290,7 @@ class ReSTRSpec:
     exportable = True
     reads_sentences = False
     batch_family = "restr"
+    train_loop = None
 
     def __init__(self, name, defaults, sizes, init_weights):
         self.name, self.defaults, self.sizes, self.init_weights = name, defaults, dict(sizes), init_weights

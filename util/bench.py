@@ -112,7 +112,7 @@ def bench(cfg):
                  if spec.needs_embedding(cfg.emb) else None)
     model = spec.build(cfg.vocab_size, embedding, size, cfg.weights, cfg.seed)
     spec.initialize(model, RANDOM_INIT, cfg.seed)
-    own_recipe = hasattr(spec, "train_loop")
+    own_recipe = spec.train_loop is not None
     tvars = {} if own_recipe else spec.train_variables(model, cfg.conv5)
     optimizer = None if own_recipe else spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
     losses, objective = (None, None) if own_recipe else (spec.losses(model), spec.objective(model))

@@ -245,11 +245,10 @@ def train(cfg):
     ``TrainingDiverged`` when the loss is not finite, or when the weights are not finite at a snapshot (which is then
     not written); the message names the newest good snapshot.
 
-    A registry entry with its own recipe (``spec.train_loop(cfg)``: TRIS) trains through it instead.
+    A registry entry with its own recipe (``spec.train_loop(cfg)``: TRIS, SaG) trains through it instead.
     """
-    own_loop = getattr(cfg.spec, "train_loop", None)
-    if own_loop is not None:
-        own_loop(cfg)
+    if cfg.spec.train_loop is not None:
+        cfg.spec.train_loop(cfg)
         return
     strategy = make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
