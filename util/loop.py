@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from util.snapshots import NonFiniteWeights, Snapshots
-from util.train import MovingAverages, TrainingDiverged
+from util.snapshots import Snapshots
+from util.train import MovingAverages, TrainingDiverged, last_good_snapshot, save_snapshot
 
 log = logging.getLogger("train")
 
@@ -38,9 +38,6 @@ def run_training(cfg, model, optimizer, step, restore, initialize=None):
         initialize()
     start = int(optimizer.step.numpy())
 
-    def last_good():
-        return snapshots.latest_good()[1] or "(none yet)"
-
     averages = MovingAverages()
     end = min(cfg.max_iter, cfg.stop_iter)
     bar = tqdm(total=end, initial=min(start, end), desc="train", unit="iter", disable=not cfg.progress,
@@ -51,7 +48,7 @@ def run_training(cfg, model, optimizer, step, restore, initialize=None):
         loss = values["loss"]
         if not np.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at iteration {n_iter}: stopping; the last good snapshot is "
-                                   f"{last_good()}")
+                                   f"{last_good_snapshot(snapshots)}")
         average = averages.update("loss", loss)
         if n_iter % cfg.log_every == 0:
             log.info("iter = %d, loss (cur) = %f, loss (avg) = %f, lr = %f", n_iter, loss, average, values["lr"])
@@ -60,11 +57,7 @@ def run_training(cfg, model, optimizer, step, restore, initialize=None):
                 log.info("iter = %d, %s", n_iter, ", ".join(f"{k} = {v:f}" for k, v in others.items()))
         bar.update(1)
         if (n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter:
-            try:
-                log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1, (model, optimizer)))
-            except NonFiniteWeights as e:
-                raise TrainingDiverged(f"weights are not finite after iteration {n_iter}: {e}; stopping; the last "
-                                       f"good snapshot is {last_good()}") from None
+            save_snapshot(snapshots, checkpoint, n_iter, (model, optimizer))
         if n_iter + 1 >= cfg.stop_iter:
             log.info("stop training at iter %d", cfg.stop_iter)
             break

@@ -196,6 +196,21 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def last_good_snapshot(snapshots):
+    """The newest good snapshot's path for messages, or "(none yet)"."""
+    return snapshots.latest_good()[1] or "(none yet)"
+
+
+def save_snapshot(snapshots, checkpoint, n_iter, modules):
+    """Write the snapshot after iteration ``n_iter`` (number ``n_iter + 1``) and log it; non-finite weights stop the
+    run with ``TrainingDiverged`` naming the last good snapshot (the bad one is not written)."""
+    try:
+        log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1, modules))
+    except NonFiniteWeights as e:
+        raise TrainingDiverged(f"weights are not finite after iteration {n_iter}: {e}; stopping; the last good "
+                               f"snapshot is {last_good_snapshot(snapshots)}") from None
+
+
 def _downsample_target(target, size):
     """The originals' accuracy label: legacy bilinear resize of the full mask to the score map (pixel (8i, 8j))."""
     return resize_bilinear_legacy(tf.convert_to_tensor(target), size).numpy()
@@ -318,9 +333,6 @@ def train(cfg):
     end = min(cfg.max_iter, cfg.stop_iter)
     bar = tqdm(total=end, initial=min(start, end), desc="train", unit="iter", disable=not cfg.progress,
                file=sys.stderr)
-    def last_good():
-        return snapshots.latest_good()[1] or "(none yet)"
-
     for n_iter in range(start, cfg.max_iter):
         try:
             words, image, target = next(batches)
@@ -333,7 +345,7 @@ def train(cfg):
         if not np.isfinite(float(losses["cost"])):
             raise TrainingDiverged(
                 f"loss is {float(losses['cost'])} at iteration {n_iter}: stopping; the last good snapshot is "
-                f"{last_good()}")
+                f"{last_good_snapshot(snapshots)}")
         avg_loss = averages.update("loss", cls_loss)
         pred = _local(outputs[spec.score_key])
         score_size = score_size or list(pred.shape[1:3])
@@ -353,11 +365,7 @@ def train(cfg):
         last_time = now
         bar.update(1)
         if chief and ((n_iter + 1) % cfg.snapshot == 0 or n_iter + 1 >= cfg.max_iter):
-            try:
-                log.info("snapshot saved to %s", snapshots.save(checkpoint, n_iter + 1, (model, optimizer)))
-            except NonFiniteWeights as e:
-                raise TrainingDiverged(f"weights are not finite after iteration {n_iter}: {e}; stopping; the last "
-                                       f"good snapshot is {last_good()}") from None
+            save_snapshot(snapshots, checkpoint, n_iter, (model, optimizer))
         if n_iter + 1 >= cfg.stop_iter:
             log.info("stop training at iter %d", cfg.stop_iter)
             break
