@@ -12,7 +12,8 @@ per-sentence results (I, U, PointM; Hit needs the ground-truth box, which our ``
 
 Training has its own recipe (``train_loop``, the generic loop's hook; ``train_input_problem`` checks the command
 line): stage 1 in ``models.tris_train`` (the refer files read directly, in-batch texts, negatives, the frozen CLIP
-ViT-B/32); stage 2 (IRNet pseudo masks, ``tris.stage2_losses``) is not wired.
+ViT-B/32); stage 2 there too (IRNet's pseudo masks from ``<--data-root>/output/<dataset>_<splitBy>/ins_seg``,
+``tris.stage2_losses``).
 """
 import logging
 import os
@@ -158,10 +159,11 @@ class TRISSpec:
         return tris_train.train_input_problem(self, cfg)
 
     def train_loop(self, cfg):
-        """``-m train``: stage 1 as ``train_stage1.py`` trains it (``models.tris_train.train_stage1``)."""
+        """``-m train``: stage 1 as ``train_stage1.py`` trains it (``models.tris_train.train_stage1``), stage 2 as
+        ``train_stage2.py`` on IRNet's pseudo masks (``models.tris_train.train_stage2``)."""
         from models import tris_train
 
-        tris_train.train_stage1(self, cfg)
+        (tris_train.train_stage1 if self.stage == 1 else tris_train.train_stage2)(self, cfg)
 
     def probability(self, values):
         return np.asarray(values, np.float64)

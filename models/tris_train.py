@@ -1,5 +1,8 @@
-"""TRIS stage-1 training (``train_stage1.main`` / ``train_one_epoch``) for ``trainval_model.py -m train -n
-TRIS_stage1``, reached through ``TRISSpec.train_loop`` (the generic loop's hook for models with their own recipe).
+"""TRIS training for ``trainval_model.py -m train``, reached through ``TRISSpec.train_loop`` (the generic loop's
+hook for models with their own recipe): stage 1 (``train_stage1.main`` / ``train_one_epoch``, ``-n TRIS_stage1``)
+and stage 2 (``train_stage2.main`` / ``train_one_epoch``, ``-n TRIS_stage2``, on IRNet's pseudo masks).
+
+STAGE 1
 
 Data (``dataset/ReferDataset.py`` with ``eval_mode=False``, ``negative_samples=3``): the refer files are read
 directly with our restricted readers (``util.refer.Refer``: ``<data-root>/external/refer/data/<refcoco|refcoco+|
@@ -25,10 +28,33 @@ the model takes its sizes from it). OpenAI's CLIP RN50 TorchScript archive, TRIS
 Loop and snapshots: ``util.loop.run_training`` (ours: atomic, model + optimizer state, resume from the newest complete
 and finite one).
 No per-epoch validation or best-mIoU/Hit checkpoints (evaluate a snapshot with ``-m test``).
+
+STAGE 2 (``train_stage2.main``; ``ReferDataset(split, eval_mode=False, pseudo_path=…)``, no negatives)
+Data: the same refer files, images and per-epoch draws as stage 1 (one random sentence per ref, no augmentation),
+plus each ref's pseudo mask: IRNet's ``make_ins_seg_labels`` output ``<pseudo folder>/<index>_<image id>.npy``
+(``index`` = the ref's position in the split's ref list, ``image id`` = the ref's image_id; the original's
+``--pseudo_path``). Here the pseudo folder is ``<--data-root>/output/<refcoco|refcoco+|refcocog>_<unc|google>/
+ins_seg``, the place TRIS's README has IRNet write it (``output/refcocog_umd/ins_seg``). Each file is
+``np.save`` of a dict whose ``mask`` is bool [n, H, W] (one instance per row); target = ``mask`` summed over the
+instances (float64), stretched to S×S with PIL nearest on the float image, cast to int64 (``ReferDataset.
+__getitem__``). The ``.npy`` dict is a pickle: ``load_pseudo_mask`` reads it with a restricted unpickler (numpy
+arrays and dtypes only). Objective: ``models.tris.stage2_losses`` = the sum of the four side outputs'
+BCE-with-logits (``criterion``; no EMA term: ``--model_ema`` is off in ``scripts/train_stage2.sh``).
+Optimizer (``train_stage2.main``, ``TRIS.trainable_parameters`` of ``model_stage2.py``): group 0 = backbone
+parameters whose name does not contain ``positional_embedding`` at lr·0.1, group 1 = everything else (the heads and
+the backbone's two positional embeddings) at lr, weight decay 0.01; the LambdaLR factor (1 − e/(len(loader)·
+epochs))^0.9 with e = the number of EPOCHS done (``scheduler.step()`` once per epoch), len(loader)·epochs = ``-i``,
+an epoch = ceil(train refs / ``-bs``) iterations — practically a constant rate. Parameters that get no gradient
+(the attention pool, ``backbone.logit_scale``, ``backbone.text_projection``) are left alone, as torch's AdamW skips
+them. Initial weights (``--init-weights``): the original starts from OpenAI's CLIP RN50 with the heads at torch's
+default initialisation; here a ``.pth`` holding CLIP RN50's state_dict (``torch.save(model.state_dict())`` of
+OpenAI's TorchScript ``RN50.pt``) or a TRIS stage-1 ``.pth`` (its ``backbone.*``) gives the backbone and the heads
+are drawn with torch's default initialisers from ``--seed``; a TRIS stage-2 ``.pth`` gives everything.
 """
 import logging
 import math
 import os
+import pickle
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +66,8 @@ NEGATIVE_SAMPLES = 3     # scripts/train_stage1.sh --negative_samples
 LR_MULTI = 0.1           # args.py --lr_multi
 WEIGHT_DECAY = 0.01      # args.py --weight_decay
 VIT_FILE = os.path.join("weights", "ViT-B-32.pth")
+PSEUDO_FOLDER = "ins_seg"   # TRIS README: output/<dataset>_<splitBy>/ins_seg (IRNet --ins_seg_out_dir)
+CAM_FOLDER = "cam"          # TRIS README: output/<dataset>_<splitBy>/cam (validate.py --cam_save_dir)
 
 
 def refer_root(data_root):
@@ -50,17 +78,33 @@ def image_root(data_root):
     return os.path.join(data_root, "data", "coco", "images", "train2014")
 
 
+def output_root(data_root, dataset):
+    """``<data-root>/output/<refcoco|refcoco+|refcocog>_<unc|google>``: TRIS's README's ``output/refcocog_umd``,
+    where the PRMS maps (``cam/``), the names list and IRNet's pseudo masks (``ins_seg/``) go."""
+    source, split_by = COCO_SOURCES[dataset]
+    return os.path.join(data_root, "output", f"{source}_{split_by}")
+
+
+def pseudo_folder(data_root, dataset):
+    """Where stage 2 reads IRNet's pseudo masks (the original's ``--pseudo_path``)."""
+    return os.path.join(output_root(data_root, dataset), PSEUDO_FOLDER)
+
+
+def pseudo_name(index, image_id):
+    """``ReferDataset.__getitem__``'s ``f'{index}_{this_img_id[0]}.npy'``."""
+    return f"{index}_{image_id}.npy"
+
+
 def vit_path(cfg):
     """The frozen CLIP ViT-B/32: ``<--data-dir>/weights/ViT-B-32.pth``."""
     return os.path.join(cfg.data_dir, VIT_FILE)
 
 
 def train_input_problem(spec, cfg):
-    """What makes a TRIS training command line unusable before any work starts (one line), else None: stage 2,
-    ReferIt, the refer pickle, the image folder, the BPE merges file, the ViT-B/32 file or the initial weights
-    missing."""
-    if spec.stage != 1:
-        return f"-m train is not available for -n {spec.name} yet (stage 2 needs IRNet pseudo masks)"
+    """What makes a TRIS training command line unusable before any work starts (one line), else None: ReferIt, the
+    refer pickle, the image folder, the BPE merges file, the initial weights, and per stage the ViT-B/32 file (stage
+    1) or the pseudo-mask folder (stage 2) missing. A missing pseudo-mask file is reported when the data set is
+    built (``PseudoMaskTrainSet``)."""
     if cfg.dataset not in COCO_SOURCES:
         return f"-m train -n {spec.name} reads RefCOCO-style refer files: -d unc, unc+ or Gref (not {cfg.dataset})"
     source, split_by = COCO_SOURCES[cfg.dataset]
@@ -71,6 +115,15 @@ def train_input_problem(spec, cfg):
         return f"--data-root {cfg.data_root}: image folder {image_root(cfg.data_root)} not found"
     if not os.path.isfile(spec.bpe_path(cfg)):
         return f"{spec.bpe_path(cfg)}: no such file (CLIP's BPE merges; see data/README.md)"
+    if spec.stage == 2:
+        folder = pseudo_folder(cfg.data_root, cfg.dataset)
+        if not os.path.isdir(folder):
+            return (f"--data-root {cfg.data_root}: pseudo-mask folder {folder} not found (IRNet's ins_seg output "
+                    f"for -n TRIS_stage2; see the TRIS section of README.md)")
+        if not (cfg.init_weights.endswith(".pth") and os.path.isfile(cfg.init_weights)):
+            return (f"--init-weights {cfg.init_weights}: expected an existing .pth: CLIP RN50's state_dict, a TRIS "
+                    f"stage-1 or a TRIS stage-2 checkpoint")
+        return None
     if not os.path.isfile(vit_path(cfg)):
         return (f"{vit_path(cfg)}: no such file (the frozen CLIP ViT-B/32 of the stage-1 loss: the state_dict of "
                 f"OpenAI's ViT-B-32.pt saved with torch.save; see data/README.md)")
@@ -84,7 +137,9 @@ class ReferTrainSet:
     """``ReferDataset(split, eval_mode=False, negative_samples=3)`` over our restricted refer reader.
 
     ``ids[i]`` int32 [k_i, 20] (every sentence of ref i, ``clip.tokenize(s)[:20]``), ``sentences[i]`` the raw
-    strings, ``image_paths[i]``, ``neg_pool[i]`` the indices its negatives are drawn from (empty: whole split)."""
+    strings, ``image_paths[i]``, ``image_ids[i]``, ``split_index[i]`` (the ref's position in the split's ref list:
+    the original's data-set index), ``neg_pool[i]`` the indices its negatives are drawn from (empty: whole split).
+    Refs without a sentence are left out (the original fails on them)."""
 
     def __init__(self, data_root, dataset, split, tokenizer, size, negatives=NEGATIVE_SAMPLES):
         from util import clip_bpe
@@ -95,7 +150,12 @@ class ReferTrainSet:
         for problem in refer.problems:
             log.warning("left out: %s", problem)
         self.size, self.negatives = size, negatives
-        ref_ids = [r for r in refer.ref_ids(split) if refer.refs[r]["sentences"]]
+        split_refs = refer.ref_ids(split)
+        ref_ids = [r for r in split_refs if refer.refs[r]["sentences"]]
+        position = {r: i for i, r in enumerate(split_refs)}
+        self.ref_ids = ref_ids
+        self.split_index = [position[r] for r in ref_ids]
+        self.image_ids = [refer.refs[r]["image_id"] for r in ref_ids]
         if not ref_ids:
             raise ValueError(f"{refer_root(data_root)}/{source}: no {split} ref with a sentence")
         index_of = {r: i for i, r in enumerate(ref_ids)}
@@ -119,7 +179,7 @@ class ReferTrainSet:
                 if other != r:
                     pool.append(index_of[other])
             self.neg_pool.append(pool)
-        if len({s for sents in self.sentences for s in sents}) < 2:
+        if negatives and len({s for sents in self.sentences for s in sents}) < 2:
             raise ValueError(f"{refer_root(data_root)}/{source}: the {split} split has fewer than two distinct "
                              f"sentences (no negatives)")
 
@@ -139,7 +199,7 @@ class ReferTrainSet:
         return tris.preprocess(stretch_rgb(rgb, self.size)).numpy()
 
     def item(self, index, rng):
-        """(image [S, S, 3], ids [20], neg_ids [K, 20]) with ``__getitem__``'s draws from ``rng``."""
+        """(image [S, S, 3], ids [20], neg_ids [K, 20]) with ``__getitem__``'s draws from ``rng`` (stage 1)."""
         choice = rng.choice(len(self.ids[index]))
         ids, sentence = self.ids[index][choice], self.sentences[index][choice]
         neg = []
@@ -159,13 +219,83 @@ class ReferTrainSet:
         return math.ceil(len(self) / batch_size)
 
     def batch(self, iteration, batch_size, seed):
-        """Batch number ``iteration`` (0-based, over all epochs): images [B, S, S, 3], ids [B, 20], neg_ids
-        [B, K, 20]; the last batch of an epoch may be smaller (no drop_last)."""
+        """Batch number ``iteration`` (0-based, over all epochs): the stacked ``item`` parts (stage 1: images
+        [B, S, S, 3], ids [B, 20], neg_ids [B, K, 20]); the last batch of an epoch may be smaller (no drop_last)."""
         epoch, position = divmod(iteration, self.iterations_per_epoch(batch_size))
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         rng = np.random.default_rng([seed, epoch, position])
         items = [self.item(i, rng) for i in order[position * batch_size:(position + 1) * batch_size]]
         return tuple(np.stack(parts) for parts in zip(*items))
+
+
+class _PseudoMaskUnpickler(pickle.Unpickler):
+    """Resolves only what ``np.save`` of a dict of arrays pickles: numpy's array reconstructor, ``ndarray``,
+    ``dtype``; any other global is refused."""
+
+    def find_class(self, module, name):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _RECONSTRUCT
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise _RefusedGlobal(f"refused global {module}.{name}")
+
+
+class _RefusedGlobal(Exception):
+    """Raised by ``_PseudoMaskUnpickler``; ``load_pseudo_mask`` turns it into a ValueError naming the file."""
+
+
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+
+
+def load_pseudo_mask(path):
+    """The target of one IRNet pseudo-mask file (``make_ins_seg_labels``: ``np.save`` of {'score', 'mask' bool
+    [n, H, W], 'class', 'cam'}): ``mask * 1.0`` summed over the n instances, float64 [H, W]. ValueError (one line
+    naming the file) for anything else."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            content = _PseudoMaskUnpickler(f).load() if dtype == object and shape == () else None
+        except _RefusedGlobal as e:
+            raise ValueError(f"{path}: not an IRNet pseudo-mask .npy ({e.args[0]})") from None
+        except (ValueError, pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: not an IRNet pseudo-mask .npy ({type(e).__name__})") from None
+    content = content.item() if isinstance(content, np.ndarray) else None
+    mask = content.get("mask") if isinstance(content, dict) else None
+    if not (isinstance(mask, np.ndarray) and mask.ndim == 3):
+        raise ValueError(f"{path}: not an IRNet pseudo-mask .npy (expected np.save of a dict with 'mask' "
+                         f"[n, H, W])")
+    return (mask * 1.0).sum(0)
+
+
+class PseudoMaskTrainSet(ReferTrainSet):
+    """``ReferDataset(split, eval_mode=False, pseudo_path=folder)`` (stage 2, no negatives): ``item`` →
+    (image [S, S, 3], ids [20], target int64 [S, S, 1]). Every ref's file ``folder/<index>_<image id>.npy`` must
+    exist: the first missing one is named in a one-line ValueError."""
+
+    def __init__(self, data_root, dataset, split, tokenizer, size, folder):
+        super().__init__(data_root, dataset, split, tokenizer, size, negatives=0)
+        self.pseudo_paths = [os.path.join(folder, pseudo_name(i, image_id))
+                             for i, image_id in zip(self.split_index, self.image_ids)]
+        missing = [k for k, path in enumerate(self.pseudo_paths) if not os.path.isfile(path)]
+        if missing:
+            k = missing[0]
+            raise ValueError(f"{self.pseudo_paths[k]}: no such file (the pseudo mask of {split} ref_id "
+                             f"{self.ref_ids[k]}; {len(missing)} of {len(self)} missing in {folder})")
+
+    def target(self, index):
+        """int64 [S, S, 1]: ``load_pseudo_mask`` → ``Image.fromarray`` (mode F) → PIL nearest to S×S → int64."""
+        from PIL import Image
+
+        pseudo = Image.fromarray(load_pseudo_mask(self.pseudo_paths[index]))
+        return np.asarray(pseudo.resize((self.size, self.size), Image.NEAREST)).astype(np.int64)[:, :, None]
+
+    def item(self, index, rng):
+        """(image [S, S, 3], ids [20], target [S, S, 1]): one sentence drawn from ``rng``."""
+        ids = self.ids[index][rng.choice(len(self.ids[index]))]
+        return self.image(index), ids, self.target(index)
 
 
 def load_frozen_vit(path):
@@ -191,6 +321,47 @@ def param_groups(model):
     return backbone, heads
 
 
+def stage2_param_groups(model):
+    """``model_stage2.TRIS.trainable_parameters()``: (backbone parameters without ``positional_embedding`` in the
+    name, everything else)."""
+    params = {k: v for k, v in model.state_dict_variables().items() if v.trainable}
+    backbone = {k: v for k, v in params.items() if k.startswith("backbone.") and "positional_embedding" not in k}
+    return backbone, {k: v for k, v in params.items() if k not in backbone}
+
+
+def make_stage2_optimizer(model, lr, max_iter, iterations_per_epoch):
+    """AdamW over ``stage2_param_groups`` (lr·0.1, lr; wd 0.01); the LambdaLR factor of the epochs done,
+    (1 − e/max_iter)^0.9 with e = t // iterations_per_epoch (``scheduler.step()`` after each epoch)."""
+    from models import tris
+    from util import adamw
+
+    backbone, rest = stage2_param_groups(model)
+    table = adamw.schedule_table(lambda t: lr * tris.lr_factor(t // iterations_per_epoch, max_iter, 1), max_iter)
+    return adamw.AdamW([(backbone, LR_MULTI), (rest, 1.0)], table, WEIGHT_DECAY)
+
+
+def initial_stage2_model(path, seed):
+    """The stage-2 model to start from (see the module docstring): a TRIS stage-2 ``.pth`` as it is; a CLIP
+    ResNet state_dict or a TRIS stage-1 ``.pth`` as the backbone, heads drawn from ``seed`` (full-size decoder)."""
+    from models import tris
+    from util.pth import load_pth
+
+    state = tris.model_state_dict(load_pth(path), path)
+    if "reduced_c1.conv.weight" in state:
+        return tris.TRISStage2.from_state_dict(state, path)
+    if "vis_project.weight" in state:
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    clip_state = {f"backbone.{k}": v for k, v in state.items()
+                  if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "backbone.visual.layer1.0.conv1.weight" not in clip_state:
+        raise ValueError(f"{path}: neither a TRIS stage-2 checkpoint nor a CLIP ResNet state_dict (CLIP RN50's or a "
+                         f"TRIS stage-1 checkpoint's backbone)")
+    model = tris.TRISStage2(tris.clip_config_from_state_dict(clip_state, source=path),
+                            rng=np.random.default_rng(seed))
+    tris.load_state_dict_strict(model.backbone, clip_state, path, "CLIP ResNet")
+    return model
+
+
 def make_optimizer(model, lr, max_iter):
     """AdamW over ``param_groups`` (lr·0.1, lr; wd 0.01) with the LambdaLR table of ``max_iter`` iterations."""
     from models import tris
@@ -201,21 +372,20 @@ def make_optimizer(model, lr, max_iter):
     return adamw.AdamW([(backbone, LR_MULTI), (heads, 1.0)], table, WEIGHT_DECAY)
 
 
-def make_step(model, vit, optimizer):
-    """One ``train_one_epoch`` iteration: forward (BatchNorms on batch statistics), ``stage1_losses``, gradients of
-    the optimizer's parameters, AdamW update. → (losses dict, group-0 learning rate used)."""
-    from models import tris
-
+def make_step(optimizer, objective, terms):
+    """One ``train_one_epoch`` iteration: ``objective(*batch)`` → losses dict (the training forward — BatchNorms on
+    batch statistics — and the loss, under the tape), gradients of ``losses['loss']`` for the optimizer's
+    parameters, AdamW update. → ({term: value} for ``terms``, group-0 learning rate used)."""
     names = [n for group, _ in optimizer.groups for n in group]
     var_list = [v for group, _ in optimizer.groups for v in group.values()]
 
-    def step(images, ids, neg_ids):
+    def step(*batch):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(var_list)
-            losses = tris.stage1_losses(model(images, ids, training=True), images, ids, neg_ids, vit)
+            losses = objective(*batch)
         grads = dict(zip(names, tape.gradient(losses["loss"], var_list)))
         lr = optimizer.apply_gradients(grads)
-        return {k: losses[k] for k in ("loss", "fg_loss_l1", "cls_loss_l4", "cbs_loss_l5")}, lr
+        return {k: losses[k] for k in terms}, lr
 
     return tf.function(step, reduce_retracing=True)
 
@@ -242,12 +412,50 @@ def train_stage1(spec, cfg):
                                             cfg.init_weights)
     model.model_name = spec.name
     optimizer = make_optimizer(model, cfg.lr, cfg.max_iter)
-    step_fn = make_step(model, vit, optimizer)
+    step_fn = make_step(optimizer, lambda images, ids, neg_ids: tris.stage1_losses(
+        model(images, ids, training=True), images, ids, neg_ids, vit), ("loss", "fg_loss_l1", "cls_loss_l4",
+                                                                        "cbs_loss_l5"))
 
     def step(n_iter):
         images, ids, neg_ids = data.batch(n_iter, cfg.batch_size, cfg.seed)
         losses, lr = step_fn(tf.constant(images), tf.constant(ids), tf.constant(neg_ids))
         return {"loss": float(losses["loss"]), "lr": float(lr), "l1": float(losses["fg_loss_l1"]),
                 "l4": float(losses["cls_loss_l4"]), "l5": float(losses["cbs_loss_l5"])}
+
+    run_training(cfg, model, optimizer, step, lambda path: spec.restore(model, path, optimizer))
+
+
+def stage2_objective(model):
+    """(images, ids, targets) → ``models.tris.stage2_losses`` of the training forward (``loss``, ``l1``..``l4``)."""
+    from models import tris
+
+    return lambda images, ids, targets: tris.stage2_losses(model(images, ids, training=True), targets)
+
+
+def train_stage2(spec, cfg):
+    """``train_stage2.main`` without validation, through ``util.loop.run_training`` like ``train_stage1``. Logged
+    terms: ``loss`` and the side outputs' l1..l4; ``lr`` is group 0's (the backbone's)."""
+    from util.loop import run_training
+
+    problem = train_input_problem(spec, cfg)
+    if problem:
+        raise ValueError(problem)
+    tokenizer = spec.tokenizer(spec.bpe_path(cfg))
+    folder = pseudo_folder(cfg.data_root, cfg.dataset)
+    data = PseudoMaskTrainSet(cfg.data_root, cfg.dataset, cfg.split, tokenizer, cfg.image_size, folder)
+    per_epoch = data.iterations_per_epoch(cfg.batch_size)
+    log.info("%s: %d %s refs with pseudo masks from %s, %d iterations per epoch at batch %d", spec.name, len(data),
+             cfg.split, folder, per_epoch, cfg.batch_size)
+    log.info("Loading the initial weights from %s", cfg.init_weights)
+    model = initial_stage2_model(cfg.init_weights, cfg.seed)
+    model.model_name = spec.name
+    optimizer = make_stage2_optimizer(model, cfg.lr, cfg.max_iter, per_epoch)
+    step_fn = make_step(optimizer, stage2_objective(model), ("loss", "l1", "l2", "l3", "l4"))
+
+    def step(n_iter):
+        images, ids, targets = data.batch(n_iter, cfg.batch_size, cfg.seed)
+        losses, lr = step_fn(tf.constant(images), tf.constant(ids), tf.constant(targets))
+        return {"loss": float(losses["loss"]), "lr": float(lr),
+                **{k: float(losses[k]) for k in ("l1", "l2", "l3", "l4")}}
 
     run_training(cfg, model, optimizer, step, lambda path: spec.restore(model, path, optimizer))

@@ -107,7 +107,7 @@ def test_short_stage1_training_lowers_the_loss_and_resumes(sample, weights, tmp_
     (lambda tmp, data_dir: ["--init-weights", "random"], "--init-weights random: expected an existing TRIS stage-1"),
     (lambda tmp, data_dir: ["--data-root", str(tmp)], "refcoco/refs(unc).p not found"),
     (lambda tmp, data_dir: ["-d", "referit"], "reads RefCOCO-style refer files: -d unc, unc+ or Gref"),
-    (lambda tmp, data_dir: ["-n", "TRIS_stage2"], "-m train is not available for -n TRIS_stage2"),
+    (lambda tmp, data_dir: ["-n", "TRIS_stage2"], "/output/refcoco_unc/ins_seg not found (IRNet's ins_seg output"),
 ])
 def test_training_command_line_problems_are_one_line(sample, weights, tmp_path, capsys, change, message):
     import trainval_model
