@@ -41,25 +41,31 @@ def median_ms(fn, runs, warmup, clock):
     return statistics.median(times)
 
 
-def time_parts(tf, orig_compat, mod, key, runs, warmup, clock):
+def training_graph(tf, orig_compat, mod, key):
+    """The original's TRAINING graph of ``key`` at 320×320, batch 1, in the current default graph → (fetches
+    {part: tensor or op}, feed dict) with the inputs of ``orig_compat.time_model``."""
     kw = dict(vocab_size=12112, mode="train")
     if key == "cmpc":
         kw["emb_name"] = "Gref"
+    tf.set_random_seed(0)
+    model, _ = orig_compat.build(tf, mod, key, kw, feed_backbone=False)
+    graph = tf.get_default_graph()
+    res5c = [op for op in graph.get_operations() if op.name.split("/")[-1] == "res5c_relu"][0].outputs[0]
+    tvars = [v for v in tf.trainable_variables() if v.op.name.startswith("text_objseg")]
+    grads = [g for g in tf.gradients(model.cost, tvars) if g is not None]
+    rs = np.random.RandomState(0)
+    words = np.zeros([1, model.num_steps], np.int32)
+    words[0, -8:] = rs.randint(1, kw["vocab_size"], 8)
+    feed = {model.words: words, model.im: rs.uniform(-120, 130, [1, model.H, model.W, 3]).astype(np.float32),
+            model.target_fine: (rs.uniform(size=[1, model.H, model.W, 1]) > 0.7).astype(np.float32)}
+    if hasattr(model, "valid_idx"):
+        feed[model.valid_idx] = [[model.num_steps - 8]]
+    return {"backbone": res5c, "eval": model.up, "grads": grads, "train": model.train_step}, feed
+
+
+def time_parts(tf, orig_compat, mod, key, runs, warmup, clock):
     with tf.Graph().as_default():
-        tf.set_random_seed(0)
-        model, _ = orig_compat.build(tf, mod, key, kw, feed_backbone=False)
-        graph = tf.get_default_graph()
-        res5c = [op for op in graph.get_operations() if op.name.split("/")[-1] == "res5c_relu"][0].outputs[0]
-        tvars = [v for v in tf.trainable_variables() if v.op.name.startswith("text_objseg")]
-        grads = [g for g in tf.gradients(model.cost, tvars) if g is not None]
-        rs = np.random.RandomState(0)
-        words = np.zeros([1, model.num_steps], np.int32)
-        words[0, -8:] = rs.randint(1, kw["vocab_size"], 8)
-        feed = {model.words: words, model.im: rs.uniform(-120, 130, [1, model.H, model.W, 3]).astype(np.float32),
-                model.target_fine: (rs.uniform(size=[1, model.H, model.W, 1]) > 0.7).astype(np.float32)}
-        if hasattr(model, "valid_idx"):
-            feed[model.valid_idx] = [[model.num_steps - 8]]
-        fetches = {"backbone": res5c, "eval": model.up, "grads": grads, "train": model.train_step}
+        fetches, feed = training_graph(tf, orig_compat, mod, key)
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             return {part: round(median_ms(lambda: sess.run(fetches[part], feed), runs, warmup, clock), 1)
