@@ -184,19 +184,26 @@ def test_one_loop_step_is_stage2_loss_plus_adamw(data_root, weights, tmp_path, c
     assert changed > 100
 
 
-def test_stage2_initial_weights_from_a_stage1_checkpoint(golden_dir):
-    """A stage-1 .pth gives the backbone; the heads are drawn from the seed (the same for the same seed)."""
+def test_stage2_initial_weights_from_clip_or_a_stage1_checkpoint(golden_dir, tmp_path):
+    """A stage-1 .pth or a plain CLIP state_dict (``torch.save(clip_model.state_dict())``, with the
+    ``input_resolution`` / ``context_length`` / ``vocab_size`` entries OpenAI's archives carry) gives the backbone;
+    the heads are drawn from the seed (the same for the same seed)."""
     from models import tris, tris_train
     from util.pth import load_pth
 
     path = str(golden_dir / "tris" / "tris_stage1_checkpoint.pth")
     state = tris.model_state_dict(load_pth(path), path)
-    first, again = tris_train.initial_stage2_model(path, 3), tris_train.initial_stage2_model(path, 3)
+    clip_path = tmp_path / "RN50.pth"
+    write_state_dict_pth(clip_path, {**{k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
+                                     "input_resolution": np.array(64), "context_length": np.array(77),
+                                     "vocab_size": np.array(512)})
+    first, again = tris_train.initial_stage2_model(path, 3), tris_train.initial_stage2_model(str(clip_path), 3)
     other = tris_train.initial_stage2_model(path, 4)
     variables = first.state_dict_variables()
     for key, var in variables.items():
         if key.startswith("backbone."):
             np.testing.assert_array_equal(var.numpy(), state[key], err_msg=key)
+            np.testing.assert_array_equal(again.state_dict_variables()[key].numpy(), state[key], err_msg=key)
     np.testing.assert_array_equal(variables["attention2.Wq.weight"].numpy(),
                                   again.state_dict_variables()["attention2.Wq.weight"].numpy())
     assert np.any(variables["attention2.Wq.weight"].numpy()
