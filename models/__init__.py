@@ -254,6 +254,17 @@ class TF1Spec:
 
         return in_graph_mask(outputs["up"][0, :, :, 0], height, width), outputs["sigm"][0, :, :, 0]
 
+    def serving_tokenizer(self, cfg):
+        """The SavedModel's in-graph tokenizer: the GloVe vocabulary ``cfg.vocab_file``'s
+        (``util.export.glove_tokenizer``)."""
+        from util.export import glove_tokenizer
+
+        return glove_tokenizer(cfg)
+
+    def serving_forward(self, model, images, words):
+        """The SavedModel's forward: ``forward`` in inference mode."""
+        return self.forward(model, images, words)
+
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(prediction, DenseCRF prediction or None)] at each sample's original size (nonzero =
         foreground): the originals' test loop, the batch's padded S×S images in one forward."""
@@ -444,6 +455,17 @@ class ReSTRSpec:
         logits = outputs["pixel_pred"]
         mask = resize_and_crop(logits, height, width)[0, :, :, 0] >= restr.EVAL_THRESHOLD
         return tf.cast(mask, tf.uint8), tf.sigmoid(logits)[0, :, :, 0]
+
+    def serving_tokenizer(self, cfg):
+        """The SavedModel's in-graph tokenizer: the GloVe vocabulary ``cfg.vocab_file``'s
+        (``util.export.glove_tokenizer``)."""
+        from util.export import glove_tokenizer
+
+        return glove_tokenizer(cfg)
+
+    def serving_forward(self, model, images, words):
+        """The SavedModel's forward: ``forward`` in inference mode."""
+        return self.forward(model, images, words)
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: the original evaluation, one image at a time at its own size."""

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import sag
+from util.torch_image import resize_bilinear
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class SaGSpec:
     score_key = "relevance"
     probability_key = "relevance"
     supports_crf = False
-    exportable = False          # the PIL antialiased resize has no exact TF-graph equivalent
+    exportable = True           # serving_* below: PIL's resize (util.pil_resize), WordPiece and fixed noise in-graph
     reads_sentences = True      # the predictor tokenizes ``sent_batch`` itself (WordPiece), not ``text_batch``
     batch_family = "sag"
 
@@ -280,6 +281,49 @@ class SaGSpec:
         if not self.last_records:
             return None
         return {"title": "SaG eval_seg()", **sag.seg_metrics(self.last_records)}
+
+    def serving_tokenizer(self, cfg):
+        """The SavedModel's tokenizer: WordPiece over ``vocab_path(cfg)`` in graph ops (``util.export``)."""
+        from util.export import WordPieceTokenizer
+
+        return WordPieceTokenizer(self.vocab_path(cfg))
+
+    def serving_input(self, image, image_size):
+        """``sag.input_image`` of one uint8 RGB image [H, W, 3] of any size in graph ops: (network input
+        [1, S, S, 3] in [−1, 1], the PIL-resized image uint8 [S, S, 3]); the resize is Pillow's bilinear exactly
+        (``util.pil_resize``), the normalisation a 256-entry table of ``input_image``'s float32 values (grappler
+        would turn x / 255 into x · (1/255), 1 ulp off), so the input equals the test loop's."""
+        from util.pil_resize import pil_resize_bilinear
+
+        resized = tf.ensure_shape(pil_resize_bilinear(image, image_size, image_size), [image_size, image_size, 3])
+        levels = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+        return tf.gather(tf.constant(levels), tf.cast(resized, tf.int32))[None], resized
+
+    def serving_forward(self, model, images, words):
+        """The forward with FIXED slot noise: the first draw of ``tf.random.Generator.from_seed(model.noise_seed)``
+        (the noise ``-m test --seed N`` gives its first sample), drawn in-graph by the stateless Philox op
+        ``StatelessRandomNormalV2`` with that generator's initial key and counter (``create_rng_state``), so the
+        SavedModel gives the same mask for the same inputs at every call."""
+        state = tf.bitcast(tf.random.create_rng_state(model.noise_seed, "philox"), tf.uint64)
+        noise = tf.raw_ops.StatelessRandomNormalV2(shape=[1, model.num_slots, model.embed_dim], key=state[2:],
+                                                   counter=state[:2], alg=1)
+        return model(images, words, noise)
+
+    def serving_output(self, outputs, height, width):
+        """``sag.evaluate_sample``'s ``avg_cm`` mask in graph ops: (mask uint8 [height, width], the min-max
+        normalised map [height, width] it thresholds at 0.5). The relevance-weighted sum over slots runs slot by
+        slot in numpy's order (a ``tf.foldl``: grappler would regroup a chain of adds), the resize is ``util.torch_image.resize_bilinear``, all in float32 as the test
+        loop."""
+        slot_attn, relevance = outputs["slot_attn"][0, -1], outputs["relevance"][0]
+        weighted = relevance[:, None] * slot_attn
+        total = tf.foldl(lambda acc, row: acc + row, weighted[1:], initializer=weighted[0])
+        grid = int(round(float(int(slot_attn.shape[1])) ** 0.5))
+        resized = resize_bilinear(tf.reshape(total, [1, grid, grid, 1]), tf.stack([height, width]))[0, :, :, 0]
+        low = tf.reduce_min(resized)
+        # 1e-9 as a non-constant: grappler rewrites (max − min) + constant as max − (min − constant)
+        eps = tf.raw_ops.PlaceholderWithDefault(input=tf.constant(1e-9, tf.float32), shape=[])
+        normed = (resized - low) / (tf.reduce_max(resized) - low + eps)
+        return tf.cast(normed >= sag.THRESHOLD, tf.uint8), normed
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: ``eval_seg``'s ``avg_cm`` mask per sample at its own size, one sample at a

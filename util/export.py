@@ -38,10 +38,29 @@ round-off, while the graph uses the exact ``scale·(col + 0.5) − 0.5`` (float6
 a .5; and in the mask's ``resize_and_crop`` a source coordinate that is integral in one path and off by ~1e-16 in
 the other switches a neighbour with weight ~1e-16 in or out, which matters there because any nonzero value is
 foreground. tests/test_export.py measures both.
+
+The text side and the forward also come from the registry entry: ``serving_tokenizer(cfg)`` returns the in-graph
+tokenizer (a ``tf.Module`` called on the sentence; its tables are saved in the SavedModel, no file is read at
+serving time): ``GloveTokenizer`` above for the TF1 models and ReSTR, ``WordPieceTokenizer`` (BERT's, below) for
+SaG, ``util.clip_bpe_graph.ClipBPETokenizer`` for TRIS; ``serving_forward(model, images, words)`` runs the network
+(SaG: with fixed slot noise, ``models.sag_spec``).
+
+WordPiece (``WordPieceTokenizer``, SaG): ``util.wordpiece``'s ``caption_ids`` — per character (UTF-8, invalid bytes
+→ U+FFFD): NUL, U+FFFD and category C except tab/newline/CR dropped, whitespace (space, tab, newline, CR, Zs) →
+space, CJK ideographs spaced, every other character folded by a table built from Python's ``unicodedata`` at export
+time (c → NFD(NFC(c).lower()) without category Mn; ``fold_table``); then category P and ASCII punctuation spaced;
+split on Python's whitespace left (space, U+2028, U+2029); per word greedy longest match with ``##`` continuations
+(a ``tf.lookup.StaticHashTable`` of ``vocab.txt``; an uncoverable word or one over 100 characters → [UNK]);
+[CLS] + pieces + [SEP], no truncation (as SaG: a sentence beyond BERT's positions fails in both paths). The
+character classes are regular expressions built from the same ``unicodedata``, so the graph agrees with
+``util.wordpiece`` on the Unicode version of the exporting Python. Difference: folding is per character, where
+Python lower-cases per word: a word-final capital sigma becomes σ, not ς (Python's Final_Sigma rule).
 """
+import functools
 import logging
 import os
 import shutil
+import unicodedata
 
 import tensorflow as tf
 
@@ -84,6 +103,141 @@ def in_graph_token_ids(sentence, table, T=T_DEFAULT):
     ids = tf.cast(table.lookup(in_graph_tokens(sentence)), tf.int32)[:T]
     ids = tf.concat([tf.fill([T - tf.size(ids)], tf.constant(PAD_ID, tf.int32)), ids], axis=0)
     return tf.ensure_shape(ids, [T])
+
+
+class GloveTokenizer(tf.Module):
+    """The TF1 models' and ReSTR's in-graph tokenizer: ``in_graph_token_ids`` over the vocabulary dict ``vocab``
+    (word → id) read from ``source``; called on a scalar string → int32 [T]."""
+
+    def __init__(self, vocab, source, T=T_DEFAULT):
+        super().__init__(name="glove_tokenizer")
+        self.table = vocab_table(vocab)
+        self.source, self.T = source, T
+
+    def __call__(self, sentence):
+        return in_graph_token_ids(sentence, self.table, self.T)
+
+
+def glove_tokenizer(cfg):
+    """``GloveTokenizer`` of ``cfg.vocab_file``; one-line FileNotFoundError / ValueError when the file is missing
+    or holds ids beyond the model's embeddings (``cfg.vocab_size``)."""
+    if not os.path.isfile(cfg.vocab_file):
+        raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
+    vocab = load_vocab_dict_from_file(cfg.vocab_file)
+    if max(vocab.values()) >= cfg.vocab_size:
+        raise ValueError(f"vocabulary file {cfg.vocab_file} has ids up to {max(vocab.values())}, beyond the "
+                         f"model's {cfg.vocab_size} embeddings for -d {cfg.dataset}")
+    return GloveTokenizer(vocab, cfg.vocab_file)
+
+
+def _code_points():
+    """Every Unicode code point except the surrogates, as characters."""
+    return (chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+
+
+def char_class(predicate):
+    """An RE2 character class "[…]" of the code points (surrogates excluded) for which ``predicate(char)`` holds,
+    as ranges."""
+    ranges, start, prev = [], None, None
+    for char in _code_points():
+        c = ord(char)
+        if predicate(char):
+            if start is None or c != prev + 1:
+                if start is not None:
+                    ranges.append((start, prev))
+                start = c
+            prev = c
+    if start is not None:
+        ranges.append((start, prev))
+    return "[" + "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "]"
+
+
+@functools.lru_cache(maxsize=None)
+def wordpiece_classes():
+    """(drop, whitespace, CJK, punctuation) RE2 classes of ``util.wordpiece``'s character tests."""
+    from util import wordpiece
+
+    return (char_class(lambda c: ord(c) in (0, 0xFFFD) or wordpiece._is_control(c)),
+            char_class(wordpiece._is_whitespace), char_class(wordpiece._is_cjk),
+            char_class(wordpiece._is_punctuation))
+
+
+@functools.lru_cache(maxsize=None)
+def fold_table():
+    """{char: NFD(NFC(char).lower()) without category Mn} for every character it changes (module doc)."""
+    out = {}
+    for char in _code_points():
+        folded = "".join(d for d in unicodedata.normalize("NFD", unicodedata.normalize("NFC", char).lower())
+                         if unicodedata.category(d) != "Mn")
+        if folded != char:
+            out[char] = folded
+    return out
+
+
+_UNCHANGED = "<unchanged>"     # the fold table's default: never a folded character
+
+
+class WordPieceTokenizer(tf.Module):
+    """SaG's in-graph tokenizer: ``util.wordpiece.WordPiece(source).caption_ids`` (module doc); called on a scalar
+    string → int32 [L] ([CLS] … [SEP])."""
+
+    def __init__(self, source):
+        from util.wordpiece import MAX_CHARS_PER_WORD, WordPiece
+
+        super().__init__(name="wordpiece_tokenizer")
+        reference = WordPiece(source)
+        self.source, self.max_chars = source, MAX_CHARS_PER_WORD
+        self.cls_id, self.sep_id, self.unk_id = reference.cls_id, reference.sep_id, reference.unk_id
+        self.vocab = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(reference.vocab), tf.string), tf.constant(list(reference.vocab.values()), tf.int64)), -1)
+        fold = fold_table()
+        self.fold = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(fold), tf.string), tf.constant(list(fold.values()), tf.string)), _UNCHANGED)
+        self.drop, self.space, self.cjk, self.punct = wordpiece_classes()
+
+    def words(self, sentence):
+        """``util.wordpiece.basic_tokens`` in graph ops: string [n]."""
+        chars = tf.strings.unicode_split(sentence, "UTF-8", errors="replace")
+        folded = self.fold.lookup(chars)
+        folded = tf.where(tf.equal(folded, _UNCHANGED), chars, folded)
+        folded = tf.where(tf.strings.regex_full_match(chars, self.cjk), " " + folded + " ", folded)
+        folded = tf.where(tf.strings.regex_full_match(chars, self.space), " ", folded)
+        text = tf.strings.reduce_join(tf.boolean_mask(folded, tf.logical_not(
+            tf.strings.regex_full_match(chars, self.drop))))
+        chars = tf.strings.unicode_split(text, "UTF-8")
+        chars = tf.where(tf.strings.regex_full_match(chars, self.punct), " " + chars + " ", chars)
+        text = tf.strings.regex_replace(tf.strings.reduce_join(chars), "[\\x{2028}\\x{2029}]", " ")
+        words = tf.strings.split(text, sep=" ")
+        return tf.boolean_mask(words, tf.strings.length(words) > 0)
+
+    def word_ids(self, word):
+        """``WordPiece.word_pieces`` + ids of one word: int64 [k] (greedy longest match; [UNK] when it fails)."""
+        n = tf.strings.length(word, unit="UTF8_CHAR")
+        start, end = tf.meshgrid(tf.range(n), tf.range(1, n + 1), indexing="ij")
+        pieces = tf.strings.substr(tf.fill([n, n], word), start, tf.maximum(end - start, 0), unit="UTF8_CHAR")
+        pieces = tf.where(start > 0, "##" + pieces, pieces)
+        ids = tf.where(end > start, self.vocab.lookup(pieces), tf.constant(-1, tf.int64))
+        found = ids >= 0
+        longest = n - 1 - tf.argmax(tf.cast(tf.reverse(found, [1]), tf.int32), axis=1, output_type=tf.int32)
+
+        def step(pos, out, ok):
+            ok = tf.logical_and(ok, tf.reduce_any(found[pos]))
+            stop = longest[pos]
+            return tf.where(ok, stop + 1, n), tf.concat([out, ids[pos, stop:stop + 1]], 0), ok
+
+        _, out, ok = tf.while_loop(lambda pos, out, ok: pos < n, step,
+                                   (tf.constant(0), tf.zeros([0], tf.int64), tf.constant(True)),
+                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([])))
+        unknown = tf.logical_or(tf.logical_not(ok), n > self.max_chars)
+        return tf.cond(unknown, lambda: tf.constant([self.unk_id], tf.int64), lambda: out)
+
+    def __call__(self, sentence):
+        words = self.words(sentence)
+        ids = tf.while_loop(
+            lambda k, ids: k < tf.size(words), lambda k, ids: (k + 1, tf.concat([ids, self.word_ids(words[k])], 0)),
+            (tf.constant(0), tf.constant([self.cls_id], tf.int64)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None])))[1]
+        return tf.cast(tf.concat([ids, [self.sep_id]], 0), tf.int32)
 
 
 def _axis_sources(out_size, in_size, offset, count):
@@ -154,20 +308,19 @@ def in_graph_mask(up, height, width):
 class ServingModule(tf.Module):
     """The exported object: ``serve`` (the signature), ``tokenize`` and ``preprocess_image`` (module doc). The
     model's registry entry ``spec`` supplies the in-graph input and output steps (``serving_input``,
-    ``serving_output``) and the forward pass."""
+    ``serving_output``) and the forward pass (``serving_forward``); ``tokenizer`` is its ``serving_tokenizer``."""
 
-    def __init__(self, model, vocab, image_size, spec, T=T_DEFAULT):
+    def __init__(self, model, tokenizer, image_size, spec):
         super().__init__(name="refseg_serving")
         self.model = model
-        self.table = vocab_table(vocab)
+        self.tokenizer = tokenizer
         self.image_size = image_size
         self.spec = spec
-        self.T = T
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def tokenize(self, sentence):
-        """int32 [T] token ids of ``sentence``."""
-        return in_graph_token_ids(sentence, self.table, self.T)
+        """int32 token ids of ``sentence`` ([T] for the GloVe vocabulary)."""
+        return self.tokenizer(sentence)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     def preprocess_image(self, image):
@@ -178,9 +331,9 @@ class ServingModule(tf.Module):
                                   tf.TensorSpec([], tf.string, name="sentence")])
     def serve(self, image, sentence):
         """{mask, probability, padded_image, words} of one image and sentence (module doc)."""
-        words = in_graph_token_ids(sentence, self.table, self.T)
+        words = self.tokenizer(sentence)
         network_input, padded = self.spec.serving_input(image, self.image_size)
-        outputs = self.spec.forward(self.model, network_input, words[None])
+        outputs = self.spec.serving_forward(self.model, network_input, words[None])
         mask, probability = self.spec.serving_output(outputs, tf.shape(image)[0], tf.shape(image)[1])
         return {"mask": mask, "probability": probability, "padded_image": padded, "words": words}
 
@@ -245,23 +398,19 @@ def save_atomic(module, export_dir, marker, protected=()):
 
 def export(cfg):
     """``-m export``: restore ``-i`` of ``-f`` into ``-n`` at ``--img-size`` and write the SavedModel to
-    ``--export-dir`` with the vocabulary ``cfg.vocab_file`` baked in. Returns the SavedModel folder."""
+    ``--export-dir`` with the entry's tokenizer tables (``serving_tokenizer``: the vocabulary ``cfg.vocab_file``,
+    SaG's ``vocab.txt``, TRIS's BPE merges) baked in. Returns the SavedModel folder."""
     if not cfg.export_dir:
         raise ValueError("-m export needs --export-dir DIR")
     check_export_dir(cfg.export_dir, (cfg.snapshot_folder,))
-    if not os.path.isfile(cfg.vocab_file):
-        raise FileNotFoundError(f"vocabulary file {cfg.vocab_file} not found (set --vocab-file or --data-dir)")
-    vocab = load_vocab_dict_from_file(cfg.vocab_file)
-    if max(vocab.values()) >= cfg.vocab_size:
-        raise ValueError(f"vocabulary file {cfg.vocab_file} has ids up to {max(vocab.values())}, beyond the "
-                         f"model's {cfg.vocab_size} embeddings for -d {cfg.dataset}")
+    tokenizer = cfg.spec.serving_tokenizer(cfg)
     prefix = cfg.spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
     model = cfg.spec.load_trained(prefix, cfg)
     log.info("restored %s from %s", cfg.model, prefix)
     marker = {"model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size, "snapshot": prefix,
-              "vocabulary": cfg.vocab_file}
-    final = save_atomic(ServingModule(model, vocab, cfg.image_size, cfg.spec), cfg.export_dir, marker,
+              "vocabulary": tokenizer.source, "seed": cfg.seed}
+    final = save_atomic(ServingModule(model, tokenizer, cfg.image_size, cfg.spec), cfg.export_dir, marker,
                         (cfg.snapshot_folder,))
     log.info("wrote SavedModel %s (%s, %d×%d, vocabulary %s)", final, cfg.model, cfg.image_size, cfg.image_size,
-             cfg.vocab_file)
+             tokenizer.source)
     return final

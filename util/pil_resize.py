@@ -25,9 +25,10 @@ import tensorflow as tf
 PRECISION_BITS = 32 - 8 - 2
 
 
-def coefficients(in_size, out_size):
-    """float64 [out_size, in_size]: Pillow's fixed-point bilinear coefficients (integers, row i = output i's
-    weights over the source pixels; module docstring) of a 1-D resize in_size → out_size (scalar int tensors)."""
+def fixed_point_weights(in_size, out_size):
+    """Pillow's per-output weights of a 1-D resize in_size → out_size (scalar int tensors; module docstring):
+    (float64 [out_size, ksize] 22-bit fixed-point integers, int32 [out_size] first source index xmin, int32
+    [out_size] number of source pixels used)."""
     in_size, out_size = tf.cast(in_size, tf.int32), tf.cast(out_size, tf.int32)
     scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
     filterscale = tf.maximum(scale, 1.0)
@@ -35,19 +36,30 @@ def coefficients(in_size, out_size):
     ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
     center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
     xmin = tf.maximum(tf.cast(tf.floor(center - support + 0.5), tf.int32), 0)
-    xmax = tf.minimum(tf.cast(tf.floor(center + support + 0.5), tf.int32), in_size) - xmin
+    count = tf.minimum(tf.cast(tf.floor(center + support + 0.5), tf.int32), in_size) - xmin
     taps = tf.range(ksize)
     arg = (tf.cast(taps[None, :] + xmin[:, None], tf.float64) - center[:, None] + 0.5) * (1.0 / filterscale)
     weights = tf.maximum(1.0 - tf.abs(arg), 0.0)
-    weights = tf.where(taps[None, :] < xmax[:, None], weights, tf.zeros_like(weights))
+    weights = tf.where(taps[None, :] < count[:, None], weights, tf.zeros_like(weights))
     total = tf.while_loop(lambda k, ww: k < ksize, lambda k, ww: (k + 1, ww + weights[:, k]),
                           (tf.constant(0), tf.zeros([out_size], tf.float64)))[1]
     weights = tf.where(tf.not_equal(total, 0.0)[:, None], weights / total[:, None], weights)
-    fixed = tf.floor(0.5 + weights * float(1 << PRECISION_BITS))
+    return tf.floor(0.5 + weights * float(1 << PRECISION_BITS)), xmin, count
+
+
+def dense_coefficients(weights, in_size):
+    """float64 [out_size, in_size]: ``fixed_point_weights``' result as a matrix over the source pixels."""
+    fixed, xmin, count = weights
     rel = tf.range(in_size)[None, :] - xmin[:, None]
-    inside = tf.logical_and(rel >= 0, rel < xmax[:, None])
-    dense = tf.gather(fixed, tf.clip_by_value(rel, 0, ksize - 1), batch_dims=1)
+    inside = tf.logical_and(rel >= 0, rel < count[:, None])
+    dense = tf.gather(fixed, tf.clip_by_value(rel, 0, tf.shape(fixed)[1] - 1), batch_dims=1)
     return tf.where(inside, dense, tf.zeros_like(dense))
+
+
+def coefficients(in_size, out_size):
+    """float64 [out_size, in_size]: Pillow's fixed-point bilinear coefficients (integers, row i = output i's
+    weights over the source pixels) of a 1-D resize in_size → out_size."""
+    return dense_coefficients(fixed_point_weights(in_size, out_size), in_size)
 
 
 def _round_clip(sums):
@@ -56,14 +68,14 @@ def _round_clip(sums):
     return tf.clip_by_value(shifted, 0.0, 255.0)
 
 
-def _horizontal(image, out_w):
-    """One horizontal pass of float64 [H, W, C] (uint8 values) to [H, out_w, C]."""
-    return _round_clip(tf.einsum("hwc,xw->hxc", image, coefficients(tf.shape(image)[1], out_w)))
+def _horizontal(image, weights):
+    """One horizontal pass of float64 [H, W, C] (uint8 values) with ``fixed_point_weights`` of W → out_w."""
+    return _round_clip(tf.einsum("hwc,xw->hxc", image, dense_coefficients(weights, tf.shape(image)[1])))
 
 
-def _vertical(image, out_h):
-    """One vertical pass of float64 [H, W, C] (uint8 values) to [out_h, W, C]."""
-    return _round_clip(tf.einsum("hwc,yh->ywc", image, coefficients(tf.shape(image)[0], out_h)))
+def _vertical(image, weights):
+    """One vertical pass of float64 [H, W, C] (uint8 values) with ``fixed_point_weights`` of H → out_h."""
+    return _round_clip(tf.einsum("hwc,yh->ywc", image, dense_coefficients(weights, tf.shape(image)[0])))
 
 
 def _maybe(condition, fn, image):
@@ -72,19 +84,23 @@ def _maybe(condition, fn, image):
 
 def pil_resize_bilinear(image, height, width):
     """uint8 [height, width, C]: ``Image.fromarray(image).resize((width, height), Image.BILINEAR)`` of a uint8
-    [H, W, C] image (H, W ≥ 1; height, width ≥ 1 ints or scalar int tensors), exactly (module docstring)."""
+    [H, W, C] image (H, W ≥ 1; height, width ≥ 1 ints or scalar int tensors), exactly (module docstring). The
+    weights are computed outside the branches that choose the pass order (a loop inside a branch upsets grappler's
+    dependency optimizer)."""
     image = tf.convert_to_tensor(image)
     in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
     height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
     x = tf.cast(image, tf.float64)
     need_h, need_v = tf.not_equal(width, in_w), tf.not_equal(height, in_h)
     vertical_first = tf.logical_and(in_h - height > 0, in_h - height > (in_w - width) * 2)
+    weights_h, weights_v = fixed_point_weights(in_w, width), fixed_point_weights(in_h, height)
 
-    def horizontal_then_vertical():
-        return _maybe(need_v, lambda t: _vertical(t, height), _maybe(need_h, lambda t: _horizontal(t, width), x))
+    def horizontal(t):
+        return _horizontal(t, weights_h)
 
-    def vertical_then_horizontal():
-        return _maybe(need_h, lambda t: _horizontal(t, width), _maybe(need_v, lambda t: _vertical(t, height), x))
+    def vertical(t):
+        return _vertical(t, weights_v)
 
-    out = tf.cond(vertical_first, vertical_then_horizontal, horizontal_then_vertical)
+    out = tf.cond(vertical_first, lambda: _maybe(need_h, horizontal, _maybe(need_v, vertical, x)),
+                  lambda: _maybe(need_v, vertical, _maybe(need_h, horizontal, x)))
     return tf.cast(out, tf.uint8)
