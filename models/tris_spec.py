@@ -42,7 +42,7 @@ class TRISSpec:
     batch 48, size 320)."""
     log_loss = "loss"
     supports_crf = False
-    exportable = False             # the SavedModel's in-graph tokenizer is the GloVe vocabulary's, not CLIP's BPE
+    exportable = True              # serving_*: PIL's resize (util.pil_resize) and CLIP's BPE (util.clip_bpe_graph)
     reads_sentences = True         # the predictor tokenizes ``sent_batch`` itself (CLIP BPE), not ``text_batch``
     batch_family = "tf1"           # evaluation .npz files (training reads the refer files directly)
 
@@ -187,15 +187,31 @@ class TRISSpec:
         return {"title": "TRIS validate()", "mIoU": summary["mIoU"], "oIoU": summary["oIoU"],
                 "PointM": summary["hitm"]}
 
-    def serving_input(self, image, image_size):
-        """One uint8 RGB image [H, W, 3] → (network input [1, S, S, 3], the stretched image as uint8 [S, S, 3]).
-        TF's antialiased bilinear stands in for PIL's inside a graph (within 1 grey level of it, rounded)."""
-        from models import tris
+    def serving_tokenizer(self, cfg):
+        """The SavedModel's tokenizer: CLIP's BPE over ``bpe_path(cfg)`` cut to 20 ids, in graph ops with its
+        tables saved in the SavedModel (``util.clip_bpe_graph``)."""
+        from util.clip_bpe_graph import ClipBPETokenizer
 
-        resized = tf.image.resize(tf.cast(image[None], tf.float32), (image_size, image_size), method="bilinear",
-                                  antialias=True)
-        display = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-        return tris.preprocess(display), display[0]
+        return ClipBPETokenizer(self.bpe_path(cfg))
+
+    def serving_forward(self, model, images, words):
+        """The SavedModel's forward: ``forward``."""
+        return self.forward(model, images, words)
+
+    def serving_input(self, image, image_size):
+        """One uint8 RGB image [H, W, 3] → (network input [1, S, S, 3], the stretched image as uint8 [S, S, 3]):
+        ``stretch_rgb`` (Pillow's bilinear, exactly: ``util.pil_resize``) and ``tris.preprocess`` as a 256-level
+        per-channel table of its float32 values (grappler would rewrite x / 255 inside a graph, 1 ulp off), so the
+        input equals the test loop's."""
+        from models import tris
+        from util.pil_resize import pil_resize_bilinear
+
+        display = tf.ensure_shape(pil_resize_bilinear(image, image_size, image_size), [image_size, image_size, 3])
+        levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
+        table = (levels - np.float32(tris.IMAGENET_MEAN)) / np.float32(tris.IMAGENET_STD)
+        channels = tf.range(3)[None, None, :] + 3 * tf.cast(display, tf.int32)
+        network_input = tf.gather(tf.reshape(tf.constant(table), [-1]), channels)
+        return network_input[None], display
 
     def serving_output(self, outputs, height, width):
         """The evaluation's mask at height × width (uint8) and the max-normalised map at S×S, from ``forward``'s

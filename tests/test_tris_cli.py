@@ -81,6 +81,3 @@ def test_tris_command_line_errors_are_one_line(sample, tris_folder, tmp_path):
     assert len(lines) == 1 and "bpe_simple_vocab_16e6.txt.gz: no such file" in lines[0], proc.stdout[-2000:]
     proc = run(["-m", "test", "-t", "val", *common(sample, tris_folder), "-i", "0", "-c"], check=False)
     assert proc.returncode == 2 and "-c (DenseCRF) is not available for -n TRIS_stage1" in proc.stderr
-    proc = run(["-m", "export", *common(sample, tris_folder), "-i", "0", "--export-dir", str(tmp_path / "sm")],
-               check=False)
-    assert proc.returncode == 2 and "-m export is not available for -n TRIS_stage1" in proc.stderr
