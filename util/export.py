@@ -8,7 +8,11 @@ The serving signature ``serving_default(image, sentence)`` takes ``image`` uint8
 * ``probability``: float32 [S, S], the sigmoid of the upsampled score on the padded S×S frame (what DenseCRF
   refines),
 * ``padded_image``: uint8 [S, S, 3], the resized and zero-padded RGB image the network saw,
-* ``words``: int32 [T], the token ids.
+* ``words``: int32, the token ids ([T] for the GloVe vocabulary, [20] for TRIS's CLIP BPE, [CLS] … [SEP] for
+  SaG's WordPiece).
+
+SaG's ``probability`` is its min-max normalised ``avg_cm`` map at [H, W] (what ≥ 0.5 thresholds); TRIS's is the
+max-normalised response at the network's map size.
 
 That is the TF1 models' evaluation. ReSTR's SavedModel (same signature) follows its own evaluation
 (``models.restr.eval_input`` / ``eval_output``, through ``util.torch_image``'s resizes, which take the image's size
