@@ -15,12 +15,13 @@ bare git dirs of ``../shared/tools/orig_timing`` (its README).
 import argparse
 import collections
 import glob
-import json
 import os
 import sys
 import tempfile
 
 import numpy as np
+
+import orig_parts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -94,9 +95,6 @@ def ours(name, kinds, steps):
 
 def original(key, git_dir, kinds, steps):
     """The original's eval (``sess.run(model.up)``) / train step (``sess.run(model.train_step)``) of ``key``."""
-    sys.path.insert(0, HERE)
-    import orig_parts
-
     sys.path.insert(0, orig_parts.ORIG_TIMING)
     import orig_compat
 
@@ -132,13 +130,8 @@ def main(argv=None):
             p.error("--side orig needs --cmpc and/or --rrn (bare git dirs; ../shared/tools/orig_timing/README.md)")
     result = {model: {kind: dict(sorted(((op, round(s, 4)) for op, s in ops.items()), key=lambda kv: -kv[1]))
                       for kind, ops in kinds_.items()} for model, kinds_ in result.items()}
-    text = json.dumps({"side": args.side, "steps": args.steps, "loadavg": [round(x, 2) for x in os.getloadavg()],
-                       "seconds_per_step_by_op_type": result})
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+    orig_parts.emit({"side": args.side, "steps": args.steps, "loadavg": [round(x, 2) for x in os.getloadavg()],
+                     "seconds_per_step_by_op_type": result}, args.out)
     return 0
 
 

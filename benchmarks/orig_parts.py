@@ -95,13 +95,18 @@ def main(argv=None):
         with orig_compat.original(git_dir, key) as (mod, _, _):
             out[key] = time_parts(tf, orig_compat, mod, key, args.runs, args.warmup, clock)
     out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(out)
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+    emit(out, args.out)
     return 0
+
+
+def emit(result, path=None):
+    """Print ``result`` as one JSON line and, with ``path``, also write it there (temporary file, then rename)."""
+    text = json.dumps(result)
+    print(text)
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
