@@ -101,9 +101,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisers and the per-epoch shuffles")
     p.add_argument("--batch-root", default=".", help="folder holding <dataset>/<split>_batch (default .)")
     p.add_argument("--data-dir", default="data", help="folder of the *_emb.npy files (default data)")
-    p.add_argument("--data-root", default=".",
-                   help="train (TRIS): folder holding data/coco/images/train2014 and external/refer/data, as "
-                        "build_batches.py --data-root (default .)")
+    p.add_argument("--data-root", default=None,
+                   help="TRIS: folder holding data/coco/images/train2014 and external/refer/data, as "
+                        "build_batches.py --data-root; train: default .; test: evaluate from these refer files "
+                        "instead of the .npz batches (with the gt boxes: TRIS's Hit)")
     p.add_argument("--init-weights", default=None, help="backbone initialisation checkpoint (default: the original path; "
                    "'random' for seeded stand-in weights)")
     p.add_argument("--resume-from", default=None, help="train: continue from this snapshot (ours or an original TF1 one)")

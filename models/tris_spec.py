@@ -7,8 +7,9 @@ PIL image; antialiased when shrinking; ImageNet normalisation), the raw sentence
 CLIP's BPE (``util.clip_bpe``, the merges file ``bpe_file``) and cut to 20 ids, the map goes back to the original
 size with bilinear align_corners True, / (max + 1e-5), mask = > 1e-9 (stage 1: any positive response; stage 2:
 logits > 0 and, as coded, a map whose maximum is negative flips sign). The predictor also keeps TRIS's own
-per-sentence results (I, U, PointM; Hit needs the ground-truth box, which our ``.npz`` samples do not carry) in
-``predict.tris_results`` / ``spec.last_results`` for ``tris.summarize``.
+per-sentence results (I, U, Hit, PointM) in ``predict.tris_results`` / ``spec.last_results`` for ``tris.summarize``.
+With ``--data-root`` the samples come from the refer files instead (``test_source``: ``validate.validate``'s data,
+gt box included); the ``.npz`` samples carry no box, so Hit is then left out.
 
 Training has its own recipe (``train_loop``, the generic loop's hook; ``train_input_problem`` checks the command
 line): stage 1 in ``models.tris_train`` (the refer files read directly, in-batch texts, negatives, the frozen CLIP
@@ -130,6 +131,26 @@ class TRISSpec:
         model.bpe_file = self.bpe_path(cfg)
         return model
 
+    def test_source(self, cfg):
+        """``-m test``'s samples (``util.evaluate.test``'s hook): None without ``--data-root`` (the ``.npz``
+        batches); with it, ``validate.validate``'s data read from the refer files (``models.tris_train.
+        ReferEvalSet``: every sentence of every ``-t`` ref, the gt mask and box as ``ReferDataset`` builds them) as
+        (names ``"<refs file> ref_id <r> sentence <j>"``, load(name) → sample, the refs file). A problem with
+        ``-d`` or the files (``tris_train.refer_input_problem``) is a one-line ValueError."""
+        from models import tris_train
+
+        if cfg.data_root is None:
+            return None
+        problem = tris_train.refer_input_problem(f"-m test -n {self.name} --data-root", self, cfg, cfg.data_root)
+        if problem:
+            raise ValueError(problem)
+        refs = tris_train.ReferEvalSet(cfg.data_root, cfg.dataset, cfg.split, self.tokenizer(self.bpe_path(cfg)))
+        names = [f"{refs.refs_path} ref_id {refs.ref_ids[i]} sentence {j}" for i, j in refs.keys]
+        where = dict(zip(names, refs.keys))
+        log.info("%s: %d sentences of %d %s refs from %s", self.name, len(names), len(refs), cfg.split,
+                 refs.refs_path)
+        return names, lambda name: refs.sample(*where[name]), refs.refs_path
+
     def input_numpy(self, rgb_uint8):
         """ImageNet normalisation of uint8 RGB (already at the network size), float32."""
         from models import tris
@@ -175,17 +196,25 @@ class TRISSpec:
         return clip_bpe.ClipTokenizer(path or self.bpe_file)
 
     def original_metrics(self):
-        """``validate.validate``'s figures (×100) over the predictor's last run: mIoU (what the paper reports),
-        oIoU and PointM (``tris.summarize``). Hit is left out: it needs the ground-truth box, which our ``.npz``
-        samples do not carry."""
+        """``validate.validate``'s figures (×100) over the predictor's last run (``tris.summarize``): mIoU (what the
+        paper reports), oIoU, Hit (argmax pixel inside the gt box) and PointM (the original's HitM: gt mask at that
+        pixel). Hit only when every sample carried its box (``test_source``); otherwise it is left out and one log
+        line says why (the ``.npz`` samples have no box)."""
         from models import tris
 
         results = getattr(self, "last_results", None)
         if not results:
             return None
         summary = tris.summarize(results)
-        return {"title": "TRIS validate()", "mIoU": summary["mIoU"], "oIoU": summary["oIoU"],
-                "PointM": summary["hitm"]}
+        metrics = {"title": "TRIS validate()", "mIoU": summary["mIoU"], "oIoU": summary["oIoU"]}
+        if self.boxless:
+            log.info("TRIS Hit not available: %d of %d samples have no ground-truth box (the .npz batches carry "
+                     "none; -m test --data-root DIR evaluates from the refer files with boxes)", self.boxless,
+                     len(results))
+        else:
+            metrics["Hit"] = summary["hit"]
+        metrics["PointM"] = summary["hitm"]
+        return metrics
 
     def serving_tokenizer(self, cfg):
         """The SavedModel's tokenizer: CLIP's BPE over ``bpe_path(cfg)`` cut to 20 ids, in graph ops with its
@@ -225,9 +254,12 @@ class TRISSpec:
         return tf.cast(pred > tris.EVAL_THRESHOLD, tf.uint8), (outputs / (tf.reduce_max(outputs) + 1e-5))[0, :, :, 0]
 
     def predictor(self, model, image_size, dcrf):
-        """fn(samples) → [(mask, None)]: ``validate.validate`` per sample (see the module docstring); the TRIS
-        per-sentence results accumulate in ``predict.tris_results``, also reachable as ``self.last_results`` (for
-        ``tris.summarize`` after ``util.evaluate.evaluate``, which builds the predictor itself)."""
+        """fn(samples) → [(mask, None)]: ``validate.validate`` per sample (see the module docstring). A sample with
+        ``boxes`` (int [K, 4] x1, y1, x2, y2: the refer-file samples of ``test_source``) gets Hit; one without (an
+        ``.npz`` sample) is counted in ``self.boxless`` and its hit is 0 and not reported. TRIS's per-sentence
+        figures (``tris.evaluate_sentence``'s ``I``, ``U``, ``hit``, ``hitm``, ``max_loc``; the maps are not kept)
+        accumulate in ``predict.tris_results``, also reachable as ``self.last_results`` (for ``original_metrics``
+        after ``util.evaluate.evaluate``, which builds the predictor itself)."""
         from models import tris
         from util import clip_bpe, data
 
@@ -240,9 +272,13 @@ class TRISSpec:
                 images = tris.preprocess(stretch_rgb(s["im_batch"], image_size)[None])
                 ids = clip_bpe.tris_ids(tokenizer.tokenize(data.sentence_of(s)))
                 output = forward(images, tf.constant([ids], tf.int32)).numpy()[0, :, :, 0]
-                result = tris.evaluate_sentence(output, s["mask_batch"] > 0, np.zeros((0, 4)))
-                predict.tris_results.append(result)
+                boxes = s.get("boxes")
+                self.boxless += boxes is None
+                result = tris.evaluate_sentence(output, s["mask_batch"] > 0,
+                                                np.zeros((0, 4)) if boxes is None else boxes)
+                predict.tris_results.append({k: result[k] for k in ("I", "U", "hit", "hitm", "max_loc")})
                 out.append((result["hard_pred"].astype(bool), None))
             return out
         predict.tris_results = self.last_results = []
+        self.boxless = 0
         return predict

@@ -1,6 +1,8 @@
 """TRIS training for ``trainval_model.py -m train``, reached through ``TRISSpec.train_loop`` (the generic loop's
 hook for models with their own recipe): stage 1 (``train_stage1.main`` / ``train_one_epoch``, ``-n TRIS_stage1``)
-and stage 2 (``train_stage2.main`` / ``train_one_epoch``, ``-n TRIS_stage2``, on IRNet's pseudo masks).
+and stage 2 (``train_stage2.main`` / ``train_one_epoch``, ``-n TRIS_stage2``, on IRNet's pseudo masks). The same
+refer reader gives ``-m test --data-root`` its samples (``ReferEvalSet``: ``ReferDataset(eval_mode=True)`` as
+``validate.validate`` reads it, through ``TRISSpec.test_source``).
 
 STAGE 1
 
@@ -100,25 +102,41 @@ def vit_path(cfg):
     return os.path.join(cfg.data_dir, VIT_FILE)
 
 
+def train_data_root(cfg):
+    """``--data-root`` for training: the folder given, else the current folder (trainval_model.py leaves it None
+    when not given, which ``-m test`` reads as "evaluate from the .npz batches")."""
+    return "." if cfg.data_root is None else cfg.data_root
+
+
+def refer_input_problem(command, spec, cfg, root):
+    """Why the refer files of ``-d`` cannot be read from ``root`` (one line), else None: ReferIt (no refer pickle),
+    ``refs(<splitBy>).p``, the image folder or the BPE merges file missing. ``command`` starts the ReferIt line."""
+    if cfg.dataset not in COCO_SOURCES:
+        return f"{command} reads RefCOCO-style refer files: -d unc, unc+ or Gref (not {cfg.dataset})"
+    source, split_by = COCO_SOURCES[cfg.dataset]
+    refs = os.path.join(refer_root(root), source, f"refs({split_by}).p")
+    if not os.path.isfile(refs):
+        return f"--data-root {root}: {refs} not found (the refer data; see data/README.md)"
+    if not os.path.isdir(image_root(root)):
+        return f"--data-root {root}: image folder {image_root(root)} not found"
+    if not os.path.isfile(spec.bpe_path(cfg)):
+        return f"{spec.bpe_path(cfg)}: no such file (CLIP's BPE merges; see data/README.md)"
+    return None
+
+
 def train_input_problem(spec, cfg):
     """What makes a TRIS training command line unusable before any work starts (one line), else None: ReferIt, the
     refer pickle, the image folder, the BPE merges file, the initial weights, and per stage the ViT-B/32 file (stage
     1) or the pseudo-mask folder (stage 2) missing. A missing pseudo-mask file is reported when the data set is
     built (``PseudoMaskTrainSet``)."""
-    if cfg.dataset not in COCO_SOURCES:
-        return f"-m train -n {spec.name} reads RefCOCO-style refer files: -d unc, unc+ or Gref (not {cfg.dataset})"
-    source, split_by = COCO_SOURCES[cfg.dataset]
-    refs = os.path.join(refer_root(cfg.data_root), source, f"refs({split_by}).p")
-    if not os.path.isfile(refs):
-        return f"--data-root {cfg.data_root}: {refs} not found (the refer data; see data/README.md)"
-    if not os.path.isdir(image_root(cfg.data_root)):
-        return f"--data-root {cfg.data_root}: image folder {image_root(cfg.data_root)} not found"
-    if not os.path.isfile(spec.bpe_path(cfg)):
-        return f"{spec.bpe_path(cfg)}: no such file (CLIP's BPE merges; see data/README.md)"
+    root = train_data_root(cfg)
+    problem = refer_input_problem(f"-m train -n {spec.name}", spec, cfg, root)
+    if problem:
+        return problem
     if spec.stage == 2:
-        folder = pseudo_folder(cfg.data_root, cfg.dataset)
+        folder = pseudo_folder(root, cfg.dataset)
         if not os.path.isdir(folder):
-            return (f"--data-root {cfg.data_root}: pseudo-mask folder {folder} not found (IRNet's ins_seg output "
+            return (f"--data-root {root}: pseudo-mask folder {folder} not found (IRNet's ins_seg output "
                     f"for -n TRIS_stage2; see the TRIS section of README.md)")
         if not (cfg.init_weights.endswith(".pth") and os.path.isfile(cfg.init_weights)):
             return (f"--init-weights {cfg.init_weights}: expected an existing .pth: CLIP RN50's state_dict, a TRIS "
@@ -133,22 +151,33 @@ def train_input_problem(spec, cfg):
     return None
 
 
+def read_refer(data_root, dataset):
+    """``REFER(refer_data_root, dataset, splitBy)`` over our restricted reader (``util.refer.Refer``) for ``-d``
+    (unc → refcoco/unc, unc+ → refcoco+/unc, Gref → refcocog/google); the entries it leaves out are logged."""
+    from util.refer import Refer
+
+    source, split_by = COCO_SOURCES[dataset]
+    refer = Refer(refer_root(data_root), source, split_by)
+    for problem in refer.problems:
+        log.warning("left out: %s", problem)
+    return refer
+
+
 class ReferTrainSet:
-    """``ReferDataset(split, eval_mode=False, negative_samples=3)`` over our restricted refer reader.
+    """``ReferDataset(split, eval_mode=False, negative_samples=3)`` over our restricted refer reader
+    (``read_refer``, or the ``refer`` index given).
 
     ``ids[i]`` int32 [k_i, 20] (every sentence of ref i, ``clip.tokenize(s)[:20]``), ``sentences[i]`` the raw
     strings, ``image_paths[i]``, ``image_ids[i]``, ``split_index[i]`` (the ref's position in the split's ref list:
     the original's data-set index), ``neg_pool[i]`` the indices its negatives are drawn from (empty: whole split).
     Refs without a sentence are left out (the original fails on them)."""
 
-    def __init__(self, data_root, dataset, split, tokenizer, size, negatives=NEGATIVE_SAMPLES):
+    def __init__(self, data_root, dataset, split, tokenizer, size, negatives=NEGATIVE_SAMPLES, refer=None):
         from util import clip_bpe
-        from util.refer import Refer, coco_image_name
+        from util.refer import coco_image_name
 
-        source, split_by = COCO_SOURCES[dataset]
-        refer = Refer(refer_root(data_root), source, split_by)
-        for problem in refer.problems:
-            log.warning("left out: %s", problem)
+        source = COCO_SOURCES[dataset][0]
+        refer = read_refer(data_root, dataset) if refer is None else refer
         self.size, self.negatives = size, negatives
         split_refs = refer.ref_ids(split)
         ref_ids = [r for r in split_refs if refer.refs[r]["sentences"]]
@@ -226,6 +255,80 @@ class ReferTrainSet:
         rng = np.random.default_rng([seed, epoch, position])
         items = [self.item(i, rng) for i in order[position * batch_size:(position + 1) * batch_size]]
         return tuple(np.stack(parts) for parts in zip(*items))
+
+
+def refer_gt_mask(segmentation, height, width):
+    """``REFER.getMask`` + ``ReferDataset.__getitem__``'s target: the COCO segmentation at height × width
+    (``frPyObjects`` → ``decode``), summed over its polygons, cast to uint8, then ``annot[mask == 1] = 1``: bool
+    [H, W], so a pixel covered by two polygons of the annotation is background (``util.refer.ann_to_mask`` takes
+    the union). An RLE segmentation (one map; the original's ``getMask`` fails on it) is taken as it is."""
+    from pycocotools import mask as cocomask
+
+    m = cocomask.decode(cocomask.frPyObjects(segmentation, height, width))
+    if m.ndim == 3:
+        m = np.sum(m, axis=2)
+    return m.astype(np.uint8) == 1
+
+
+def refer_box(bbox):
+    """``ReferDataset.__getitem__``'s box: COCO [x, y, w, h] → ``np.array(bbox, dtype=int)`` (truncated), then
+    x2 = x + w, y2 = y + h; int64 [1, 4] (x1, y1, x2, y2) in original pixels."""
+    x, y, w, h = np.array(bbox, dtype=np.int64)
+    return np.array([[x, y, x + w, y + h]], np.int64)
+
+
+class ReferEvalSet(ReferTrainSet):
+    """``ReferDataset(split, eval_mode=True)`` as ``validate.validate`` reads it, over the same reader and refs as
+    ``ReferTrainSet`` (every ref of ``split`` with a sentence, ascending ref_id; ``--data-root`` layout).
+
+    ``keys`` lists (ref position i, sentence j) for every sentence of every ref in that order; ``sample(i, j)`` is
+    one test-loop sample: ``im_batch`` the image at its file's size (``Image.open(...).convert("RGB")``, uint8),
+    ``mask_batch`` ``refer_gt_mask`` at the size instances.json gives the image (the original's target size; the
+    file's size when the entry has none), ``sent_batch`` [sentence j], ``boxes`` ``refer_box`` of the ref's
+    annotation. A ref whose annotation is missing or unusable is refused in one line (ValueError); an image that
+    cannot be read raises ``util.data.BadSample`` naming it (the test loop skips and lists it)."""
+
+    def __init__(self, data_root, dataset, split, tokenizer):
+        refer = read_refer(data_root, dataset)
+        super().__init__(data_root, dataset, split, tokenizer, 0, negatives=0, refer=refer)
+        source = COCO_SOURCES[dataset][0]
+        self.refs_path = os.path.join(refer_root(data_root), source, f"refs({COCO_SOURCES[dataset][1]}).p")
+        self.annotations, self.image_sizes = [], []
+        for ref_id, image_id in zip(self.ref_ids, self.image_ids):
+            ann = refer.anns.get(refer.refs[ref_id]["ann_id"])
+            if ann is None:
+                raise ValueError(f"{refer_root(data_root)}/{source}/instances.json: {split} ref_id {ref_id}'s "
+                                 f"annotation {refer.refs[ref_id]['ann_id']} is missing or unusable")
+            image = refer.imgs.get(image_id, {})
+            self.annotations.append(ann)
+            self.image_sizes.append((image.get("height"), image.get("width")))
+        self.keys = [(i, j) for i, sentences in enumerate(self.sentences) for j in range(len(sentences))]
+        self._cached = (None, None)
+
+    def _ref(self, index):
+        """(RGB uint8 [h, w, 3], gt bool [H, W], boxes [1, 4]) of ref ``index``, the last one kept."""
+        from util.data import BadSample
+
+        if self._cached[0] != index:
+            from PIL import Image
+
+            try:
+                with Image.open(self.image_paths[index]) as img:
+                    rgb = np.asarray(img.convert("RGB"))
+            except OSError as e:
+                raise BadSample(f"{self.image_paths[index]}: unreadable image ({type(e).__name__}: {e})") from None
+            height, width = self.image_sizes[index]
+            if not (isinstance(height, int) and isinstance(width, int)):
+                height, width = rgb.shape[:2]
+            ann = self.annotations[index]
+            self._cached = (index, (rgb, refer_gt_mask(ann["segmentation"], height, width), refer_box(ann["bbox"])))
+        return self._cached[1]
+
+    def sample(self, index, j):
+        """The test-loop sample of sentence ``j`` of ref ``index`` (see the class docstring)."""
+        rgb, gt, boxes = self._ref(index)
+        return {"im_batch": rgb, "mask_batch": gt, "sent_batch": np.array([self.sentences[index][j]]),
+                "boxes": boxes}
 
 
 class _PseudoMaskUnpickler(pickle.Unpickler):
@@ -403,7 +506,7 @@ def train_stage1(spec, cfg):
     if problem:
         raise ValueError(problem)
     tokenizer = spec.tokenizer(spec.bpe_path(cfg))
-    data = ReferTrainSet(cfg.data_root, cfg.dataset, cfg.split, tokenizer, cfg.image_size)
+    data = ReferTrainSet(train_data_root(cfg), cfg.dataset, cfg.split, tokenizer, cfg.image_size)
     log.info("%s: %d %s refs, %d iterations per epoch at batch %d", spec.name, len(data), cfg.split,
              data.iterations_per_epoch(cfg.batch_size), cfg.batch_size)
     vit = load_frozen_vit(vit_path(cfg))
@@ -441,8 +544,8 @@ def train_stage2(spec, cfg):
     if problem:
         raise ValueError(problem)
     tokenizer = spec.tokenizer(spec.bpe_path(cfg))
-    folder = pseudo_folder(cfg.data_root, cfg.dataset)
-    data = PseudoMaskTrainSet(cfg.data_root, cfg.dataset, cfg.split, tokenizer, cfg.image_size, folder)
+    folder = pseudo_folder(train_data_root(cfg), cfg.dataset)
+    data = PseudoMaskTrainSet(train_data_root(cfg), cfg.dataset, cfg.split, tokenizer, cfg.image_size, folder)
     per_epoch = data.iterations_per_epoch(cfg.batch_size)
     log.info("%s: %d %s refs with pseudo masks from %s, %d iterations per epoch at batch %d", spec.name, len(data),
              cfg.split, folder, per_epoch, cfg.batch_size)

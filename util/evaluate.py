@@ -62,12 +62,14 @@ def save_visualization(folder, index, sample, prediction, suffix=""):
         f.write(data.sentence_of(sample) + "\n")
 
 
-def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True, spec=None):
-    """Evaluate ``model`` on the eval ``.npz`` files with its registry entry's ``predictor`` (``spec``, default
-    the entry of ``model.model_name``).
+def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None, progress=True, spec=None,
+             load=data.load_sample):
+    """Evaluate ``model`` on the samples ``files`` with its registry entry's ``predictor`` (``spec``, default
+    the entry of ``model.model_name``). Each name in ``files`` is read with ``load`` (default: an eval ``.npz``
+    path, ``data.load_sample``; a registry entry's ``test_source`` brings its own names and reader).
 
-    Returns (metrics, metrics with DenseCRF or None, paths of unreadable samples). An unreadable ``.npz`` is skipped
-    with a warning and listed, not counted in the metrics.
+    Returns (metrics, metrics with DenseCRF or None, names of unreadable samples). An unreadable sample (``load``
+    raises ``BadSample``) is skipped with a warning and listed, not counted in the metrics.
     """
     predict = (spec or model_spec(model.model_name)).predictor(model, image_size, dcrf)
     metrics, metrics_crf = SegmentationMetrics(), (SegmentationMetrics() if dcrf else None)
@@ -77,7 +79,7 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
         samples = []
         for path in files[start:start + batch_size]:
             try:
-                samples.append(data.load_sample(path))
+                samples.append(load(path))
             except data.BadSample as e:
                 log.warning("skipping unreadable sample: %s", e)
                 skipped.append(path)
@@ -100,17 +102,25 @@ def evaluate(model, files, image_size, batch_size=1, dcrf=False, vis_folder=None
 def test(cfg):
     """The originals' ``test()``: restore ``-i`` of ``-f``, evaluate ``-d``/``-t``, print the block, write JSON
     (atomically). A run that could read no sample at all raises ``BadSample`` and writes no JSON, so an earlier
-    result is never replaced by a zero-sample one."""
-    files = data.batch_files(cfg.batch_folder, cfg.batch_prefix)
+    result is never replaced by a zero-sample one.
+
+    The samples are the ``.npz`` batches of ``-d``/``-t``, unless the registry entry has a ``test_source(cfg)``
+    that returns (names, load, where) (TRIS with ``--data-root``: the refer files); it returns None to keep the
+    batches."""
     spec = cfg.spec
+    source = getattr(spec, "test_source", None)
+    source = source(cfg) if source else None
+    files, load, where = source or (data.batch_files(cfg.batch_folder, cfg.batch_prefix), data.load_sample,
+                                    cfg.batch_folder)
     prefix = spec.find_snapshot(cfg.snapshot_candidates(cfg.iteration))
     log.info("Loading trained weights from %s", prefix)
     model = spec.load_trained(prefix, cfg)
     metrics, metrics_crf, skipped = evaluate(model, files, cfg.image_size, cfg.batch_size, cfg.dcrf,
-                                    cfg.vis_folder if cfg.visualize else None, progress=cfg.progress, spec=spec)
+                                    cfg.vis_folder if cfg.visualize else None, progress=cfg.progress, spec=spec,
+                                    load=load)
     json_path = f"{prefix}.{cfg.dataset}_{cfg.split}.json"
     if metrics.total == 0:
-        raise data.BadSample(f"none of the {len(files)} samples under {cfg.batch_folder} could be read (all skipped, "
+        raise data.BadSample(f"none of the {len(files)} samples under {where} could be read (all skipped, "
                              f"see the warnings); {json_path} not written")
     log.info("%s", metrics.report("without DenseCRF"))
     results = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "iteration": cfg.iteration,
