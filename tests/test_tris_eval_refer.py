@@ -2,7 +2,8 @@
 from the sample set's refer files (``models.tris_train.ReferEvalSet`` through ``TRISSpec.test_source``), against
 the same model evaluated from the ``.npz`` val batches (``build_batches.py``) and against numpy.
 
-The model is ``tests/test_tris_cli.py``'s (the golden's reduced stage 1 as ``stage1_refcoco.pth``, 96×96).
+The models: ``tests/test_tris_cli.py``'s (the golden's reduced stage 1 as ``stage1_refcoco.pth``, 96×96) and the
+golden's reduced stage 2 the same way (``stage2_refcoco.pth``; refer path only).
 
 What may differ between the two paths, and why they agree here: the refer path builds the gt mask as TRIS's
 ``REFER.getMask`` + ``annot[mask == 1] = 1`` (polygons SUMMED, a pixel covered by two polygons of the annotation is
@@ -44,7 +45,7 @@ def command(sample, folder, *extra):
             str(SIZE), "--batch-root", str(sample), "--data-dir", str(sample / "data"), *extra]
 
 
-def recorded_run(argv, caplog, monkeypatch, folder):
+def recorded_run(argv, caplog, monkeypatch, json_path):
     """Run ``argv`` recording every ``tris.evaluate_sentence`` call (network map, gt, boxes, normalised map,
     result) → (records, the JSON written, log text)."""
     from models import tris
@@ -60,7 +61,7 @@ def recorded_run(argv, caplog, monkeypatch, folder):
     status, out = run(argv, caplog)
     assert status == 0, out[-3000:]
     monkeypatch.setattr(tris, "evaluate_sentence", evaluate_sentence)
-    return records, json.loads((folder / "stage1_refcoco.pth.unc_val.json").read_text()), out
+    return records, json.loads(json_path.read_text()), out
 
 
 def val_annotations(sample):
@@ -78,8 +79,9 @@ def val_annotations(sample):
 def test_refer_evaluation_reports_hit_and_matches_the_npz_path(sample, tris_folder, caplog, monkeypatch):
     from pycocotools import mask as cocomask
 
+    json_path = tris_folder / "stage1_refcoco.pth.unc_val.json"
     refer, result, out = recorded_run(command(sample, tris_folder, "--data-root", str(sample)), caplog,
-                                      monkeypatch, tris_folder)
+                                      monkeypatch, json_path)
     refs = val_annotations(sample)
     n_sentences = sum(len(sentences) for sentences, _, _ in refs)
     assert len(refer) == n_sentences == result["without_dcrf"]["samples"] and result["skipped_unreadable"] == []
@@ -105,7 +107,7 @@ def test_refer_evaluation_reports_hit_and_matches_the_npz_path(sample, tris_fold
     assert f"TRIS validate(): mIoU = {own['mIoU']:f}; oIoU = {own['oIoU']:f}; Hit = {own['Hit']:f}; " \
            f"PointM = {own['PointM']:f}" in out
 
-    npz, npz_result, npz_out = recorded_run(command(sample, tris_folder), caplog, monkeypatch, tris_folder)
+    npz, npz_result, npz_out = recorded_run(command(sample, tris_folder), caplog, monkeypatch, json_path)
     n_files = len([f for f in os.listdir(sample / "unc" / "val_batch") if f.endswith(".npz")])
     assert len(npz) == n_files == n_sentences
     for a, b in zip(refer, npz):
@@ -117,6 +119,40 @@ def test_refer_evaluation_reports_hit_and_matches_the_npz_path(sample, tris_fold
     assert "Hit" not in npz_result["original_metrics"]
     assert {k: v for k, v in own.items() if k != "Hit"} == npz_result["original_metrics"]
     assert f"TRIS Hit not available: {n_files} of {n_files} samples have no ground-truth box" in npz_out
+
+
+@pytest.fixture(scope="module")
+def stage2_folder(golden_dir, tmp_path_factory):
+    """The golden's stage-2 checkpoint as ``stage2_refcoco.pth``, its token embedding extended as ``tris_folder``."""
+    from models import tris
+    from tests.test_restr_cli import write_state_dict_pth
+    from tests.test_tris_train import extended
+    from util.pth import load_pth
+
+    path = golden_dir / "tris" / "tris_stage2_checkpoint.pth"
+    folder = tmp_path_factory.mktemp("tris2")
+    write_state_dict_pth(folder / "stage2_refcoco.pth", extended(tris.model_state_dict(load_pth(str(path)), str(path)),
+                                                                 "backbone.token_embedding.weight", 0))
+    return folder
+
+
+def test_stage2_refer_evaluation_reports_hit(sample, stage2_folder, caplog, monkeypatch):
+    """``-n TRIS_stage2`` through the same path: every val sentence, Hit and PointM from the recorded maps."""
+    argv = command(sample, stage2_folder, "--data-root", str(sample))
+    argv[argv.index("TRIS_stage1")] = "TRIS_stage2"
+    records, result, _ = recorded_run(argv, caplog, monkeypatch, stage2_folder / "stage2_refcoco.pth.unc_val.json")
+    n_sentences = sum(len(sentences) for sentences, _, _ in val_annotations(sample))
+    assert result["model"] == "TRIS_stage2" and result["without_dcrf"]["samples"] == len(records) == n_sentences
+    hits, hitms = [], []
+    for record in records:
+        row, col = np.unravel_index(np.argmax(record["norm_pred"]), record["norm_pred"].shape)
+        (x1, y1, x2, y2), = record["boxes"]
+        hits.append(x1 <= col <= x2 and y1 <= row <= y2)
+        hitms.append(bool(record["gt"][row, col]))
+    own = result["original_metrics"]
+    assert own["Hit"] == pytest.approx(100 * np.mean(hits), abs=1e-12)
+    assert own["PointM"] == pytest.approx(100 * np.mean(hitms), abs=1e-12)
+    assert own["oIoU"] == pytest.approx(100 * result["without_dcrf"]["overall_iou"], rel=1e-9)
 
 
 @pytest.mark.parametrize("extra, message", [
