@@ -79,12 +79,10 @@ class PrmsRefs:
         return len(self.names)
 
     def ground_truth(self, index, height, width):
-        """(gt mask [H, W], boxes [1, 4]) of ref ``index``: the polygons' union, the box with x2 = x + w."""
-        from util.refer import ann_to_mask
-
+        """(gt mask [H, W], boxes [1, 4]) of ref ``index`` as ``validate`` builds them (``tris_train.refer_gt_mask``:
+        a pixel under two polygons is background; ``tris_train.refer_box``: int-cast, x2 = x + w)."""
         ann = self.annotations[index]
-        x, y, w, h = np.asarray(ann["bbox"]).astype(int)
-        return ann_to_mask(ann["segmentation"], height, width) > 0, np.array([[x, y, x + w, y + h]])
+        return tris_train.refer_gt_mask(ann["segmentation"], height, width), tris_train.refer_box(ann["bbox"])
 
 
 def save_npy(path, array):
