@@ -312,8 +312,8 @@ class SaGSpec:
     def serving_output(self, outputs, height, width):
         """``sag.evaluate_sample``'s ``avg_cm`` mask in graph ops: (mask uint8 [height, width], the min-max
         normalised map [height, width] it thresholds at 0.5). The relevance-weighted sum over slots runs slot by
-        slot in numpy's order (a ``tf.foldl``: grappler would regroup a chain of adds), the resize is ``util.torch_image.resize_bilinear``, all in float32 as the test
-        loop."""
+        slot in numpy's order (a ``tf.foldl``: grappler would regroup a chain of adds), the resize is
+        ``util.torch_image.resize_bilinear``, all in float32 as the test loop."""
         slot_attn, relevance = outputs["slot_attn"][0, -1], outputs["relevance"][0]
         weighted = relevance[:, None] * slot_attn
         total = tf.foldl(lambda acc, row: acc + row, weighted[1:], initializer=weighted[0])

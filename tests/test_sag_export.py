@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models import sag
 from tests.test_trainval import run
 from util import data
 from util.config import RunConfig
@@ -18,7 +19,8 @@ MODEL, SIZE = "SaG_tiny", 64
 SENTENCES = [
     "man on the right", "The man's hat, on the LEFT!!", "", "   \t ", "café ÉCOLE naïve Ærø İstanbul straße",
     "红色的 杯子 on the left", "x_y 3rd 1.5m a-b a--b __init__", "a" * 101, "b" * 100, "smallest tallest bigger",
-    "\u00a0non-breaking\u3000ideographic\u2003em\x1cfs\x85nel ", "e\u0301 \u0301 ﬁsh Ω Å Ǆ ŉ", "what?! ... -- no way ;-)",
+    "\u00a0non-breaking\u3000ideographic\u2003em\x1cfs\x85nel ", "e\u0301 \u0301 ﬁsh Ω Å Ǆ ŉ",
+    "what?! ... -- no way ;-)",
     "tab\tnew\nline\u2028sep\u2029par", "\ufffd\x00zero\u200bwidth", "emoji 😀 here «quoted» „low“ — dash",
     "Ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "über-smallest,tallest;bigger", "unknownword qqqq blorf smallish", "Ⅻ ½ ² ﬀ ǅ",
     "ΑΘΗΝΑ αθηνα", "Москва москва", "ümlaut Ümlaut", "the man on the left of the red car near the tree " * 3,
@@ -82,15 +84,14 @@ def test_saved_model_mask_equals_the_test_loop(exported, sample):
     files = data.batch_files(str(sample / "unc" / "val_batch"), "unc_val")
     samples = [data.load_sample(f) for f in files]
     first_of_run = spec.predictor(model, SIZE, False)(samples[:2])[0][0]
+    tokenizer = spec.tokenizer(model.vocab_file)
     foreground = total = 0
     for s in samples:
         expected = spec.predictor(model, SIZE, False)([s])[0][0]     # a fresh predictor: the seed's first noise
         got = serve(image=tf.constant(s["im_batch"]), sentence=tf.constant(data.sentence_of(s)))
         assert got["mask"].dtype == tf.uint8 and got["mask"].shape == s["mask_batch"].shape
         assert np.array_equal(got["mask"].numpy() != 0, expected)
-        tokenizer = spec.tokenizer(model.vocab_file)
         assert got["words"].numpy().tolist() == tokenizer.caption_ids(data.sentence_of(s))
-        from models import sag
         assert np.array_equal(got["padded_image"].numpy(),
                               np.round((sag.input_image(s["im_batch"], SIZE) * 0.5 + 0.5) * 255).astype(np.uint8))
         foreground += int(expected.sum())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models.tris_spec import stretch_rgb
 from tests.test_tris_cli import SIZE, tris_folder  # noqa: F401 (the fixture)
 from tests.test_trainval import run
 from util import clip_bpe, data
@@ -21,6 +22,7 @@ SENTENCES = [
     "it's they're we've I'm you'll he'd 'st 'S", "x_y 3rd 1.5m a-b a--b __init__", "a" * 60,
     "red &amp;amp; blue &lt;3 &quot;x&quot; &gt; &#39;", "“quoted” ‘single’ ﬁsh ﬂ", "emoji 😀 here — dash … ",
     "tab\tnew\nline  \u00a0spaces\u3000", "1234567 numbers 42nd ½ Ⅻ", "!!!'s '''re ?!'ll", "Москва 红色的杯子 ΑΘΗΝΑ",
+    "e\u0301cole A\u030a \u212b o\u0302\u0301 \u1100\u1161\u11a8 \u0958 \uf900 \u0340 n\u0303o",
     "the man on the left of the red car near the tree", "the man on the left of the red car near the tree " * 4,
 ]
 
@@ -75,7 +77,6 @@ def test_saved_model_mask_equals_the_test_loop(exported, sample, monkeypatch):
         assert got["mask"].dtype == tf.uint8 and got["mask"].shape == s["mask_batch"].shape
         assert np.array_equal(got["mask"].numpy() != 0, mask)
         assert got["words"].numpy().tolist() == clip_bpe.tris_ids(tokenizer.tokenize(data.sentence_of(s)))
-        from models.tris_spec import stretch_rgb
         assert np.array_equal(got["padded_image"].numpy(), stretch_rgb(s["im_batch"], SIZE))
         foreground += int(mask.sum())
         total += mask.size

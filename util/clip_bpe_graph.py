@@ -5,7 +5,8 @@ export time and saved in the SavedModel; serving reads no file.
 
 Steps, as ``util.clip_bpe`` (our code, not CLIP's):
 
-- cleanup: curly quotes to straight ones and Latin ligatures spelt out (``QUOTES``, ``LIGATURES``), the HTML
+- cleanup: Unicode NFC (``nfc``: singleton table, then canonical pairs composed, tables from Python's
+  ``unicodedata``), curly quotes to straight ones and Latin ligatures spelt out (``QUOTES``, ``LIGATURES``), the HTML
   entities ``HTML_ENTITIES`` decoded twice (what ``html.unescape`` twice does to them), Python's whitespace runs
   collapsed to one space, stripped, ``tf.strings.lower`` (Unicode full case mapping, as ``str.lower``);
 - the pre-tokenisation regex, as ``split_words``' scanner: per character a kind (letter = category L*, number =
@@ -16,9 +17,9 @@ Steps, as ``util.clip_bpe`` (our code, not CLIP's):
   lowest rank first, every non-overlapping occurrence left to right, until no pair has a rank;
 - ids by the encoder, [49406] + ids + [49407], the first 20 kept (0-padded).
 
-Differences from ``util.clip_bpe`` (documented in the README): no Unicode NFC (text already in NFC — what
-keyboards and most files give — is unaffected; decomposed accents stay two characters), only the entities of
-``HTML_ENTITIES`` and numeric ones are not decoded, ``<|startoftext|>`` / ``<|endoftext|>`` written in the text
+Differences from ``util.clip_bpe`` (documented in the README): NFC composes adjacent pairs only (combining marks
+out of canonical order are not reordered), only the entities of ``HTML_ENTITIES`` are decoded (other named and
+numeric ones are not), ``<|startoftext|>`` / ``<|endoftext|>`` written in the text
 are not special, a word-final capital sigma lower-cases to σ (Python: ς), and a text over 75 tokens is cut
 where Python raises (``BPEError``).
 """
@@ -38,6 +39,51 @@ def _regex_escape(text):
     return "".join(f"\\x{{{ord(c):x}}}" for c in text)
 
 
+def nfc_tables():
+    """({char: NFC(char)} where they differ, {"ab": c} for the canonical pairs that NFC composes: primary
+    composites and Hangul L+V, LV+T), from Python's ``unicodedata``."""
+    singles, pairs = {}, {}
+    for code in range(0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        if unicodedata.normalize("NFC", char) != char:
+            singles[char] = unicodedata.normalize("NFC", char)
+        decomposition = unicodedata.decomposition(char)
+        if decomposition and not decomposition.startswith("<"):
+            parts = "".join(chr(int(x, 16)) for x in decomposition.split())
+            if len(parts) == 2 and unicodedata.normalize("NFC", parts) == char:
+                pairs[parts] = char
+    for lead in range(0x1100, 0x1113):
+        for vowel in range(0x1161, 0x1176):
+            syllable = unicodedata.normalize("NFC", chr(lead) + chr(vowel))
+            pairs[chr(lead) + chr(vowel)] = syllable
+            for tail in range(0x11A8, 0x11C3):
+                pairs[syllable + chr(tail)] = unicodedata.normalize("NFC", syllable + chr(tail))
+    return singles, pairs
+
+
+def _string_table(mapping):
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(mapping), tf.string), tf.constant(list(mapping.values()), tf.string)), "")
+
+
+def leftmost_matches(match):
+    """bool [n]: the positions of ``match`` a left-to-right scan takes when a taken position i also consumes i + 1
+    (in each run of consecutive matches, every other one from the run's start)."""
+    positions = tf.range(tf.size(match))
+    run = tf.cumsum(tf.cast(tf.logical_not(match), tf.int32))
+    first = tf.math.unsorted_segment_min(positions, run, tf.size(match) + 1)
+    run_start = tf.gather(first, run) + tf.cast(run > 0, tf.int32)
+    return tf.logical_and(match, tf.equal((positions - run_start) % 2, 0))
+
+
+def merge_pairs(symbols, take, merged):
+    """``symbols`` [n] with each taken pair (i, i + 1) replaced by ``merged[i]`` ([n − 1])."""
+    out = tf.concat([tf.where(take, merged, symbols[:-1]), symbols[-1:]], 0)
+    return tf.boolean_mask(out, tf.concat([[True], tf.logical_not(take)], 0))
+
+
 class ClipBPETokenizer(tf.Module):
     """``clip_bpe.tris_ids(ClipTokenizer(source).tokenize(text))`` in graph ops (module docstring). Raises
     ``clip_bpe.BPEError`` (one line) when the merges file is missing or malformed."""
@@ -55,13 +101,33 @@ class ClipBPETokenizer(tf.Module):
             tf.constant(list(reference.encoder), tf.string), tf.constant(list(reference.encoder.values()), tf.int64)),
             -1)
         self.byte_symbols = tf.constant([reference.byte_encoder[b] for b in range(256)], tf.string)
+        singles, pairs = nfc_tables()
+        self.nfc_singles, self.nfc_pairs = _string_table(singles), _string_table(pairs)
         self.replacements = [(_regex_escape(k), v) for k, v in {**clip_bpe.QUOTES, **clip_bpe.LIGATURES}.items()]
         self.whitespace = "[" + _regex_escape(PY_WHITESPACE) + "]"
         self.letter = char_class(lambda c: unicodedata.category(c)[0] == "L")
         self.number = char_class(lambda c: unicodedata.category(c)[0] == "N")
 
+    def nfc(self, text):
+        """Unicode NFC by the tables of ``nfc_tables``: singletons mapped, then adjacent canonical pairs composed,
+        leftmost first, until none is left (marks out of canonical order are not reordered)."""
+        chars = tf.strings.unicode_split(text, "UTF-8", errors="replace")
+        mapped = self.nfc_singles.lookup(chars)
+        chars = tf.where(tf.equal(mapped, ""), chars, mapped)
+
+        def compose(chars, done):
+            composed = self.nfc_pairs.lookup(chars[:-1] + chars[1:])
+            take = leftmost_matches(tf.not_equal(composed, ""))
+            return merge_pairs(chars, take, composed), tf.logical_not(tf.reduce_any(take))
+
+        chars = tf.while_loop(lambda chars, done: tf.logical_and(tf.size(chars) > 1, tf.logical_not(done)), compose,
+                              (chars, tf.constant(False)),
+                              shape_invariants=(tf.TensorShape([None]), tf.TensorShape([])))[0]
+        return tf.strings.reduce_join(chars)
+
     def clean(self, text):
         """The cleanup step: scalar string → scalar string."""
+        text = self.nfc(text)
         for pattern, value in self.replacements:
             text = tf.strings.regex_replace(text, pattern, value)
         for _ in range(2):
@@ -111,17 +177,9 @@ class ClipBPETokenizer(tf.Module):
             pairs = symbols[:-1] + " " + symbols[1:]
             ranks = self.ranks.lookup(pairs)
             best = tf.reduce_min(ranks)
-            match = tf.equal(ranks, best)
-            # every non-overlapping occurrence, left to right: in a run of matches, every other one from its start
-            positions = tf.range(tf.size(match))
-            run = tf.cumsum(tf.cast(tf.logical_not(match), tf.int32))
-            first = tf.math.unsorted_segment_min(positions, run, tf.size(match) + 1)
-            run_start = tf.gather(first, run) + tf.cast(run > 0, tf.int32)
-            take = tf.logical_and(match, tf.equal((positions - run_start) % 2, 0))
-            merged = tf.where(take, symbols[:-1] + symbols[1:], symbols[:-1])
-            merged = tf.concat([merged, symbols[-1:]], 0)
-            keep = tf.concat([[True], tf.logical_not(take)], 0)
-            return tf.cond(best < NO_RANK, lambda: (tf.boolean_mask(merged, keep), False), lambda: (symbols, True))
+            take = leftmost_matches(tf.equal(ranks, best))     # every non-overlapping occurrence, left to right
+            merged = merge_pairs(symbols, take, symbols[:-1] + symbols[1:])
+            return tf.cond(best < NO_RANK, lambda: (merged, False), lambda: (symbols, True))
 
         return tf.while_loop(lambda symbols, done: tf.logical_and(tf.size(symbols) > 1, tf.logical_not(done)), merge,
                              (symbols, tf.constant(False)),
