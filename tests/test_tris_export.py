@@ -20,7 +20,8 @@ from util.export import EXPORT_MARKER, export
 SENTENCES = [
     "man on the right", "The man's hat, on the LEFT!!", "", "   \t ", "café ÉCOLE naïve Ærø straße",
     "it's they're we've I'm you'll he'd 'st 'S", "x_y 3rd 1.5m a-b a--b __init__", "a" * 60,
-    "red &amp;amp; blue &lt;3 &quot;x&quot; &gt; &#39;", "“quoted” ‘single’ ﬁsh ﬂ", "emoji 😀 here — dash … ",
+    "red &amp;amp; blue &lt;3 &quot;x&quot; &gt; &#39;", "&amp;lt; &amp;amp;lt; &lt3 &ampx &#39s &#039; &#39;5",
+    "&#x27;s &#X27x &apos;s &aposx &nbsp;x &quot &amp", "“quoted” ‘single’ ﬁsh ﬂ", "emoji 😀 here — dash … ",
     "tab\tnew\nline  \u00a0spaces\u3000", "1234567 numbers 42nd ½ Ⅻ", "!!!'s '''re ?!'ll", "Москва 红色的杯子 ΑΘΗΝΑ",
     "e\u0301cole A\u030a \u212b o\u0302\u0301 \u1100\u1161\u11a8 \u0958 \uf900 \u0340 n\u0303o",
     "the man on the left of the red car near the tree", "the man on the left of the red car near the tree " * 4,

@@ -7,7 +7,7 @@ Steps, as ``util.clip_bpe`` (our code, not CLIP's):
 
 - cleanup: Unicode NFC (``nfc``: singleton table, then canonical pairs composed, tables from Python's
   ``unicodedata``), curly quotes to straight ones and Latin ligatures spelt out (``QUOTES``, ``LIGATURES``), the HTML
-  entities ``HTML_ENTITIES`` decoded twice (what ``html.unescape`` twice does to them), Python's whitespace runs
+  entities of ``HTML_ENTITIES`` decoded twice (what ``html.unescape`` twice does to them), Python's whitespace runs
   collapsed to one space, stripped, ``tf.strings.lower`` (Unicode full case mapping, as ``str.lower``);
 - the pre-tokenisation regex, as ``split_words``' scanner: per character a kind (letter = category L*, number =
   N*, space = ``str.isspace``, other; classes built from Python's ``unicodedata``); the apostrophe contractions
@@ -19,8 +19,8 @@ Steps, as ``util.clip_bpe`` (our code, not CLIP's):
 
 Differences from ``util.clip_bpe`` (documented in the README): NFC composes adjacent pairs only (combining marks
 out of canonical order are not reordered), only the entities of ``HTML_ENTITIES`` are decoded (other named and
-numeric ones are not), ``<|startoftext|>`` / ``<|endoftext|>`` written in the text
-are not special, a word-final capital sigma lower-cases to σ (Python: ς), and a text over 75 tokens is cut
+numeric ones are not; a name that merely starts like one of them, as &ltimes;, is decoded as that prefix),
+``<|startoftext|>`` / ``<|endoftext|>`` written in the text are not special, a word-final capital sigma lower-cases to σ (Python: ς), and a text over 75 tokens is cut
 where Python raises (``BPEError``).
 """
 import unicodedata
@@ -29,8 +29,13 @@ import tensorflow as tf
 
 from util import clip_bpe
 
-HTML_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'", "&apos;": "'",
-                 "&nbsp;": "\u00a0"}
+# (RE2 pattern, replacement), applied in this order in each of the two passes: what ``html.unescape`` makes of
+# these entities, with the semicolon optional where HTML5 allows it (amp, lt, gt, quot, nbsp), the apostrophe's
+# numeric forms (a number is read whole: &#390; is not &#39;); &amp; last, so that the "&" it makes is decoded
+# only by the next pass, as html.unescape's single scan per call does
+HTML_ENTITIES = (("&lt;?", "<"), ("&gt;?", ">"), ("&quot;?", '"'), ("&nbsp;?", "\u00a0"), ("&apos;", "'"),
+                 ("&#0*39;|&#0*39([^0-9]|$)", "'\\1"), ("&#[xX]0*27;|&#[xX]0*27([^0-9a-fA-F]|$)", "'\\1"),
+                 ("&amp;?", "&"))
 KIND_SPACE, KIND_LETTER, KIND_NUMBER, KIND_OTHER = 0, 1, 2, 3
 NO_RANK = 1 << 30
 
@@ -131,8 +136,8 @@ class ClipBPETokenizer(tf.Module):
         for pattern, value in self.replacements:
             text = tf.strings.regex_replace(text, pattern, value)
         for _ in range(2):
-            for entity, value in HTML_ENTITIES.items():
-                text = tf.strings.regex_replace(text, entity, value)
+            for pattern, value in HTML_ENTITIES:
+                text = tf.strings.regex_replace(text, pattern, value)
         text = tf.strings.regex_replace(text, self.whitespace + "+", " ")
         text = tf.strings.regex_replace(text, "^ | $", "")
         return tf.strings.lower(text, encoding="utf-8")
