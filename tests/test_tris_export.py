@@ -54,15 +54,38 @@ def test_in_graph_bpe_equals_util_clip_bpe_on_clips_merges(sample):
 
 
 @pytest.fixture(scope="module")
-def exported(sample, tris_folder, tmp_path_factory):  # noqa: F811
+def stage2_folder(golden_dir, tmp_path_factory):
+    """The golden's reduced stage-2 checkpoint as ``stage2_refcoco.pth``, its token embedding extended to CLIP's
+    49408 rows as ``tests/test_tris_cli.py`` does for stage 1."""
+    from models import tris
+    from tests.test_restr_cli import write_state_dict_pth
+    from tests.test_tris_cli import N_TOKENS
+    from util.pth import load_pth
+
+    path = golden_dir / "tris" / "tris_stage2_checkpoint.pth"
+    state = tris.model_state_dict(load_pth(str(path)), str(path))
+    table = state["backbone.token_embedding.weight"]
+    extra = np.random.default_rng(0).standard_normal((N_TOKENS - len(table), table.shape[1])).astype(np.float32)
+    state["backbone.token_embedding.weight"] = np.concatenate([table, 0.02 * extra])
+    folder = tmp_path_factory.mktemp("tris2")
+    write_state_dict_pth(folder / "stage2_refcoco.pth", state)
+    return folder
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def exported(request, sample, tmp_path_factory):
+    """(loaded SavedModel, the model the test loop runs, its spec, the SavedModel folder) for stage 1 and 2."""
     from models import model_spec
 
-    spec = model_spec("TRIS_stage1")
+    stage = request.param
+    folder = request.getfixturevalue("tris_folder" if stage == 1 else "stage2_folder")
+    name = f"TRIS_stage{stage}"
+    spec = model_spec(name)
     out = tmp_path_factory.mktemp("tris_export") / "sm"
-    cfg = RunConfig(mode="export", model="TRIS_stage1", dataset="unc", iteration=0, folder=str(tris_folder),
-                    image_size=SIZE, data_dir=str(sample / "data"), export_dir=str(out))
+    cfg = RunConfig(mode="export", model=name, dataset="unc", iteration=0, folder=str(folder), image_size=SIZE,
+                    data_dir=str(sample / "data"), export_dir=str(out))
     export(cfg)
-    model = spec.load_trained(str(tris_folder / "stage1_refcoco.pth"), cfg)
+    model = spec.load_trained(str(folder / f"stage{stage}_refcoco.pth"), cfg)
     return tf.saved_model.load(str(out)), model, spec, out
 
 
