@@ -12,7 +12,8 @@ The serving signature ``serving_default(image, sentence)`` takes ``image`` uint8
   SaG's WordPiece).
 
 SaG's ``probability`` is its min-max normalised ``avg_cm`` map at [H, W] (what ≥ 0.5 thresholds); TRIS's is the
-max-normalised response at the network's map size.
+max-normalised response at the network's map size. For both, ``padded_image`` is the image stretched to S×S (no
+padding) by Pillow's bilinear resize, reproduced exactly (``util.pil_resize``).
 
 That is the TF1 models' evaluation. ReSTR's SavedModel (same signature) follows its own evaluation
 (``models.restr.eval_input`` / ``eval_output``, through ``util.torch_image``'s resizes, which take the image's size
