@@ -131,10 +131,8 @@ def word_lstm(embedded, words, kernel, bias, units):
     """The originals' word LSTM over ``num_steps`` tokens with pad skipping, for any batch size.
 
     TF1: ``for n: tf.cond(words[0, n] == 0, keep state, cell(emb[n], state))`` — a pad (id 0) at any position
-    leaves the state unchanged, and the cell is not run. Here each step is a ``skip_pad_step``: the cell runs only
-    if some sample of the batch has a word at step n (at batch 1 exactly the original's ``tf.cond``), and a
-    per-sample ``tf.where`` keeps the state of the samples that have a pad there, so each sample of a batch gets
-    what batch 1 gives.
+    leaves the state unchanged. Here the skip is a per-sample ``tf.where``, so each sample of a batch gets what
+    batch 1 gives.
 
     Args:
       embedded: [B, T, D] word embeddings.  words: [B, T] int ids (0 = pad).
@@ -147,13 +145,10 @@ def word_lstm(embedded, words, kernel, bias, units):
     outputs = []
     for n in range(embedded.shape[1]):
         is_word = tf.not_equal(words[:, n], 0)[:, None]
-
-        def step(n=n, is_word=is_word, c=c, h=h):
-            new_c, new_h = basic_lstm_cell(embedded[:, n], c, h, kernel, bias)
-            return tf.where(is_word, new_c, c), tf.where(is_word, new_h, h)
-
-        c, h = skip_pad_step(is_word, step, (c, h))
-        outputs.append(tf.where(is_word, h, tf.zeros_like(h)))
+        new_c, new_h = basic_lstm_cell(embedded[:, n], c, h, kernel, bias)
+        c = tf.where(is_word, new_c, c)
+        h = tf.where(is_word, new_h, h)
+        outputs.append(tf.where(is_word, new_h, tf.zeros_like(new_h)))
     return tf.stack(outputs, axis=1), c, h
 
 
@@ -162,7 +157,9 @@ def skip_pad_step(is_word, step, state):
     state tuple, already kept per sample with ``tf.where(is_word, new, old)``) runs only when ``is_word`` [B, 1]
     (bool) is true for some sample of the batch; otherwise ``state`` passes through unchanged. The result equals
     running ``step()`` unconditionally, exactly; the cond only saves the work of steps where every sample has a pad
-    (with left-padded sentences, the leading pads the whole batch shares)."""
+    (with left-padded sentences, the leading pads the whole batch shares). The If ops cost memory in a train step
+    (+0.4 GB at batch 1 had CMPC's word LSTM used them, whose steps are matrix–vector products), so only RMI's word
+    loop, where a step is a 22 GFLOP ALSTM over every position, uses it; ``word_lstm`` keeps the plain form."""
     return tf.cond(tf.reduce_any(is_word), step, lambda: tuple(state))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models import layers
 from models.layers import resize_bilinear_legacy
 from models.lstm_baseline import LSTMHead
 from models.rmi import RMIHead
@@ -168,6 +169,22 @@ def test_pad_in_the_middle_is_skipped(head, golden):
     padded[0, -len(compact) - 3:] = np.insert(compact, [2, 2, 5], 0)
     features = {"res5c_relu": tf.constant(golden["visual_res5c"])}
     assert_close("pad in the middle", head(features, tf.constant(padded))["pred"].numpy(), golden["pred"])
+
+
+@pytest.mark.parametrize("model", ["RMI"])
+def test_skipped_pad_steps_change_nothing(head, golden, model, monkeypatch):
+    """RMI's word loop skips the steps where every sample has a pad (``layers.skip_pad_step``'s ``tf.cond``): the
+    outputs equal, bit for bit, the loop that runs every step and keeps the state with ``tf.where`` alone — for a
+    batch whose samples have left pads of different lengths, a pad in the middle and no word at all."""
+    words = np.zeros((3, 20), np.int32)
+    words[0] = golden["words"][0]
+    words[1, 15:] = [3, 0, 7, 9, 1]
+    features = {"res5c_relu": tf.constant(np.repeat(golden["visual_res5c"], 3, axis=0))}
+    skipping = tf.function(head)(features, tf.constant(words))
+    monkeypatch.setattr(layers, "skip_pad_step", lambda is_word, step, state: step())
+    every_step = tf.function(head)(features, tf.constant(words))
+    for key in OUTPUTS[model]:
+        np.testing.assert_array_equal(skipping[key].numpy(), every_step[key].numpy(), err_msg=key)
 
 
 @pytest.mark.parametrize("weights", ["deeplab", "resnet"])
