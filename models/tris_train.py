@@ -138,16 +138,15 @@ def train_input_problem(spec, cfg):
         if not os.path.isdir(folder):
             return (f"--data-root {root}: pseudo-mask folder {folder} not found (IRNet's ins_seg output "
                     f"for -n TRIS_stage2; see the TRIS section of README.md)")
-        if not (cfg.init_weights.endswith(".pth") and os.path.isfile(cfg.init_weights)):
-            return (f"--init-weights {cfg.init_weights}: expected an existing .pth: CLIP RN50's state_dict, a TRIS "
-                    f"stage-1 or a TRIS stage-2 checkpoint")
-        return None
-    if not os.path.isfile(vit_path(cfg)):
-        return (f"{vit_path(cfg)}: no such file (the frozen CLIP ViT-B/32 of the stage-1 loss: the state_dict of "
-                f"OpenAI's ViT-B-32.pt saved with torch.save; see data/README.md)")
+        expected = "an existing .pth: CLIP RN50's state_dict, a TRIS stage-1 or a TRIS stage-2 checkpoint"
+    else:
+        if not os.path.isfile(vit_path(cfg)):
+            return (f"{vit_path(cfg)}: no such file (the frozen CLIP ViT-B/32 of the stage-1 loss: the state_dict "
+                    f"of OpenAI's ViT-B-32.pt saved with torch.save; see data/README.md)")
+        expected = ("an existing TRIS stage-1 .pth (OpenAI's CLIP RN50 TorchScript archive is not read; the CLIP "
+                    "weights cannot start from zero)")
     if not (cfg.init_weights.endswith(".pth") and os.path.isfile(cfg.init_weights)):
-        return (f"--init-weights {cfg.init_weights}: expected an existing TRIS stage-1 .pth (OpenAI's CLIP RN50 "
-                f"TorchScript archive is not read; the CLIP weights cannot start from zero)")
+        return f"--init-weights {cfg.init_weights}: expected {expected}"
     return None
 
 

@@ -21,16 +21,20 @@ SIZE = 96          # the golden's TRIS input size (any size runs; the attention 
 N_TOKENS = 49408
 
 
+def extended(state, key, seed):
+    """``state`` with its token-embedding table ``key`` extended to CLIP's N_TOKENS rows (seeded rows × 0.02)."""
+    table = state[key]
+    extra = np.random.default_rng(seed).standard_normal((N_TOKENS - len(table), table.shape[1])).astype(np.float32)
+    return dict(state, **{key: np.concatenate([table, 0.02 * extra])})
+
+
 @pytest.fixture(scope="module")
 def tris_folder(golden_dir, tmp_path_factory):
     from models import tris
     from util.pth import load_pth
 
     path = golden_dir / "tris" / "tris_stage1_checkpoint.pth"
-    state = tris.model_state_dict(load_pth(str(path)), str(path))
-    table = state["backbone.token_embedding.weight"]
-    extra = np.random.default_rng(0).standard_normal((N_TOKENS - len(table), table.shape[1])).astype(np.float32)
-    state["backbone.token_embedding.weight"] = np.concatenate([table, 0.02 * extra])
+    state = extended(tris.model_state_dict(load_pth(str(path)), str(path)), "backbone.token_embedding.weight", 0)
     folder = tmp_path_factory.mktemp("tris")
     write_state_dict_pth(folder / "stage1_refcoco.pth", state)
     return folder

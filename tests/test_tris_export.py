@@ -59,14 +59,11 @@ def stage2_folder(golden_dir, tmp_path_factory):
     49408 rows as ``tests/test_tris_cli.py`` does for stage 1."""
     from models import tris
     from tests.test_restr_cli import write_state_dict_pth
-    from tests.test_tris_cli import N_TOKENS
+    from tests.test_tris_cli import extended
     from util.pth import load_pth
 
     path = golden_dir / "tris" / "tris_stage2_checkpoint.pth"
-    state = tris.model_state_dict(load_pth(str(path)), str(path))
-    table = state["backbone.token_embedding.weight"]
-    extra = np.random.default_rng(0).standard_normal((N_TOKENS - len(table), table.shape[1])).astype(np.float32)
-    state["backbone.token_embedding.weight"] = np.concatenate([table, 0.02 * extra])
+    state = extended(tris.model_state_dict(load_pth(str(path)), str(path)), "backbone.token_embedding.weight", 0)
     folder = tmp_path_factory.mktemp("tris2")
     write_state_dict_pth(folder / "stage2_refcoco.pth", state)
     return folder

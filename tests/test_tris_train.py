@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 
 from tests.test_restr_cli import write_state_dict_pth
+from tests.test_tris_cli import extended
 
 SIZE = 96
-N_TOKENS = 49408
 BATCH = 40                # the 40 train refs of the sample set: every iteration sees them all (1 per epoch)
-
-
-def extended(state, key, seed):
-    table = state[key]
-    extra = np.random.default_rng(seed).standard_normal((N_TOKENS - len(table), table.shape[1])).astype(np.float32)
-    return dict(state, **{key: np.concatenate([table, 0.02 * extra])})
 
 
 @pytest.fixture(scope="module")
