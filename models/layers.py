@@ -158,7 +158,7 @@ def skip_pad_step(is_word, step, state):
     (bool) is true for some sample of the batch; otherwise ``state`` passes through unchanged. The result equals
     running ``step()`` unconditionally, exactly; the cond only saves the work of steps where every sample has a pad
     (with left-padded sentences, the leading pads the whole batch shares). The If ops cost memory in a train step
-    (+0.4 GB at batch 1 had CMPC's word LSTM used them, whose steps are matrix–vector products), so only RMI's word
+    (+0.45 GB at batch 1 had CMPC's word LSTM used them, whose steps are matrix–vector products), so only RMI's word
     loop, where a step is a 22 GFLOP ALSTM over every position, uses it; ``word_lstm`` keeps the plain form."""
     return tf.cond(tf.reduce_any(is_word), step, lambda: tuple(state))
 
