@@ -23,6 +23,7 @@ from PIL import Image
 
 from tests.test_restr_cli import write_state_dict_pth
 from tests.test_tris_train import SIZE, extended, train
+from tests.test_tris_train import command as tris_train_command
 
 BATCH = 40                # the 40 train refs of the sample set: one iteration per epoch
 LR = 1e-3
@@ -78,10 +79,7 @@ def weights(golden_dir, sample, tmp_path_factory):
 
 
 def command(root, weights, folder, *extra):
-    init, data_dir = weights
-    return ["-m", "train", "-n", "TRIS_stage2", "-d", "unc", "-t", "train", "-f", str(folder), "--img-size",
-            str(SIZE), "-bs", str(BATCH), "--data-root", str(root), "--data-dir", str(data_dir),
-            "--init-weights", str(init), "--log-every", "1", *extra]
+    return tris_train_command(root, weights, folder, *extra, name="TRIS_stage2")
 
 
 def test_short_stage2_training_lowers_the_loss_and_resumes(data_root, weights, tmp_path, caplog):

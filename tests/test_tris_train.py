@@ -42,10 +42,11 @@ def weights(golden_dir, sample, tmp_path_factory):
     return init, data_dir
 
 
-def command(sample, weights, folder, *extra):
+def command(data_root, weights, folder, *extra, name="TRIS_stage1"):
+    """A ``-m train -n name`` command line on ``data_root`` with ``weights`` = (init .pth, data dir)."""
     init, data_dir = weights
-    return ["-m", "train", "-n", "TRIS_stage1", "-d", "unc", "-t", "train", "-f", str(folder), "--img-size",
-            str(SIZE), "-bs", str(BATCH), "--data-root", str(sample), "--data-dir", str(data_dir),
+    return ["-m", "train", "-n", name, "-d", "unc", "-t", "train", "-f", str(folder), "--img-size",
+            str(SIZE), "-bs", str(BATCH), "--data-root", str(data_root), "--data-dir", str(data_dir),
             "--init-weights", str(init), "--log-every", "1", *extra]
 
 
