@@ -9,7 +9,8 @@ size with bilinear align_corners True, / (max + 1e-5), mask = > 1e-9 (stage 1: a
 logits > 0 and, as coded, a map whose maximum is negative flips sign). The predictor also keeps TRIS's own
 per-sentence results (I, U, Hit, PointM) in ``predict.tris_results`` / ``spec.last_results`` for ``tris.summarize``.
 With ``--data-root`` the samples come from the refer files instead (``test_source``: ``validate.validate``'s data,
-gt box included); the ``.npz`` samples carry no box, so Hit is then left out.
+gt box included; ReferIt: TRIS's annotation pickle, ``models.tris_referit``); the ``.npz`` samples carry no box, so
+Hit is then left out.
 
 Training has its own recipe (``train_loop``, the generic loop's hook; ``train_input_problem`` checks the command
 line): stage 1 in ``models.tris_train`` (the refer files read directly, in-batch texts, negatives, the frozen CLIP
@@ -134,14 +135,18 @@ class TRISSpec:
     def test_source(self, cfg):
         """``-m test``'s samples (``util.evaluate.test``'s hook): None without ``--data-root`` (the ``.npz``
         batches); with it, ``validate.validate``'s data read from the refer files (``models.tris_train.
-        ReferEvalSet``: every sentence of every ``-t`` ref, the gt mask and box as ``ReferDataset`` builds them) as
-        (names ``"<refs file> ref_id <r> sentence <j>"``, load(name) → sample, the refs file). A problem with
-        ``-d`` or the files (``tris_train.refer_input_problem``) is a one-line ValueError."""
-        from models import tris_train
-
+        ReferEvalSet``: every sentence of every ``-t`` ref, the gt mask and box as ``ReferDataset`` builds them), or
+        for ``-d referit`` ``validate_referit.validate``'s from TRIS's annotation pickle (``models.tris_referit.
+        ReferItEvalSet``: the annotations whose box exceeds 5 % of the image), as (names, load(name) → sample, the
+        file read). A problem with ``-d`` or the files is a one-line ValueError."""
         if cfg.data_root is None:
             return None
-        problem = tris_train.refer_input_problem(f"-m test -n {self.name} --data-root", self, cfg, cfg.data_root)
+        command = f"-m test -n {self.name} --data-root"
+        if cfg.dataset == "referit":
+            return self._referit_source(command, cfg)
+        from models import tris_train
+
+        problem = tris_train.refer_input_problem(command, self, cfg, cfg.data_root)
         if problem:
             raise ValueError(problem)
         refs = tris_train.ReferEvalSet(cfg.data_root, cfg.dataset, cfg.split, self.tokenizer(self.bpe_path(cfg)))
@@ -150,6 +155,21 @@ class TRISSpec:
         log.info("%s: %d sentences of %d %s refs from %s", self.name, len(names), len(refs), cfg.split,
                  refs.refs_path)
         return names, lambda name: refs.sample(*where[name]), refs.refs_path
+
+    def _referit_source(self, command, cfg):
+        """``test_source`` for ``-d referit``: ``models.tris_referit.ReferItEvalSet`` of ``-t``."""
+        from models import tris_referit
+
+        problem = tris_referit.referit_input_problem(command, self, cfg, cfg.data_root)
+        if problem:
+            raise ValueError(problem)
+        images = tris_referit.ReferItEvalSet(cfg.data_root, cfg.split)
+        names = [images.name(i, a) for i, a in images.keys]
+        where = dict(zip(names, images.keys))
+        log.info("%s: %d sentences of %d ReferIt %s images from %s (%d annotations with a box of at most %g of "
+                 "the image left out, as the original)", self.name, len(names), len(images.image_keys), cfg.split,
+                 images.path, images.left_out, tris_referit.MIN_BOX_FRACTION)
+        return names, lambda name: images.sample(*where[name]), images.path
 
     def input_numpy(self, rgb_uint8):
         """ImageNet normalisation of uint8 RGB (already at the network size), float32."""
@@ -255,8 +275,10 @@ class TRISSpec:
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: ``validate.validate`` per sample (see the module docstring). A sample with
-        ``boxes`` (int [K, 4] x1, y1, x2, y2: the refer-file samples of ``test_source``) gets Hit; one without (an
-        ``.npz`` sample) is counted in ``self.boxless`` and its hit is 0 and not reported. TRIS's per-sentence
+        ``boxes`` ([K, 4] x1, y1, x2, y2: the refer-file samples of ``test_source``) gets Hit; one without (an
+        ``.npz`` sample) is counted in ``self.boxless`` and its hit is 0 and not reported. The gt is the sample's
+        ``target`` when it has one (ReferIt's summed RLEs: a pixel of value 2 is no PointM hit), else
+        ``mask_batch`` > 0. TRIS's per-sentence
         figures (``tris.evaluate_sentence``'s ``I``, ``U``, ``hit``, ``hitm``, ``max_loc``; the maps are not kept)
         accumulate in ``predict.tris_results``, also reachable as ``self.last_results`` (for ``original_metrics``
         after ``util.evaluate.evaluate``, which builds the predictor itself)."""
@@ -274,8 +296,8 @@ class TRISSpec:
                 output = forward(images, tf.constant([ids], tf.int32)).numpy()[0, :, :, 0]
                 boxes = s.get("boxes")
                 self.boxless += boxes is None
-                result = tris.evaluate_sentence(output, s["mask_batch"] > 0,
-                                                np.zeros((0, 4)) if boxes is None else boxes)
+                target = s["target"] if "target" in s else s["mask_batch"] > 0
+                result = tris.evaluate_sentence(output, target, np.zeros((0, 4)) if boxes is None else boxes)
                 predict.tris_results.append({k: result[k] for k in ("I", "U", "hit", "hitm", "max_loc")})
                 out.append((result["hard_pred"].astype(bool), None))
             return out

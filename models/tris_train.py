@@ -109,16 +109,25 @@ def train_data_root(cfg):
 
 
 def refer_input_problem(command, spec, cfg, root):
-    """Why the refer files of ``-d`` cannot be read from ``root`` (one line), else None: ReferIt (no refer pickle),
-    ``refs(<splitBy>).p``, the image folder or the BPE merges file missing. ``command`` starts the ReferIt line."""
+    """Why the refer files of ``-d`` cannot be read from ``root`` (one line), else None: ReferIt (training only
+    reaches here with it: TRIS's ``train_stage1.py`` / ``train_stage2.py`` build ``ReferDataset`` only, and
+    ``Dataset_referit.ImageLoader_train`` is never used; ``-m test --data-root`` reads ReferIt with
+    ``models.tris_referit``), ``refs(<splitBy>).p``, the image folder or the BPE merges file missing. ``command``
+    starts the ReferIt line."""
     if cfg.dataset not in COCO_SOURCES:
-        return f"{command} reads RefCOCO-style refer files: -d unc, unc+ or Gref (not {cfg.dataset})"
+        return (f"{command} reads RefCOCO-style refer files: -d unc, unc+ or Gref (not {cfg.dataset}: TRIS trains "
+                f"on RefCOCO/+/g only; ReferIt is evaluated with -m test --data-root)")
     source, split_by = COCO_SOURCES[cfg.dataset]
     refs = os.path.join(refer_root(root), source, f"refs({split_by}).p")
     if not os.path.isfile(refs):
         return f"--data-root {root}: {refs} not found (the refer data; see data/README.md)"
     if not os.path.isdir(image_root(root)):
         return f"--data-root {root}: image folder {image_root(root)} not found"
+    return bpe_problem(spec, cfg)
+
+
+def bpe_problem(spec, cfg):
+    """The BPE merges file of ``spec`` missing (one line), else None."""
     if not os.path.isfile(spec.bpe_path(cfg)):
         return f"{spec.bpe_path(cfg)}: no such file (CLIP's BPE merges; see data/README.md)"
     return None
@@ -330,23 +339,30 @@ class ReferEvalSet(ReferTrainSet):
                 "boxes": boxes}
 
 
-class _PseudoMaskUnpickler(pickle.Unpickler):
-    """Resolves only what ``np.save`` of a dict of arrays pickles: numpy's array reconstructor, ``ndarray``,
-    ``dtype``; any other global is refused."""
+class RestrictedNumpyUnpickler(pickle.Unpickler):
+    """Resolves only the globals of ``allowed`` ({(module, name): object}); any other global raises
+    ``RefusedGlobal`` naming it. ``NUMPY_ARRAY_GLOBALS`` is what ``np.save`` of a dict of arrays pickles (the
+    pseudo masks); ``models.tris_referit`` adds numpy scalars, latin-1 bytes and sets for TRIS's ReferIt pickles."""
+
+    def __init__(self, file, allowed, **kwargs):
+        super().__init__(file, **kwargs)
+        self.allowed = allowed
 
     def find_class(self, module, name):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _RECONSTRUCT
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        raise _RefusedGlobal(f"refused global {module}.{name}")
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(f"refused global {module}.{name}") from None
 
 
-class _RefusedGlobal(Exception):
-    """Raised by ``_PseudoMaskUnpickler``; ``load_pseudo_mask`` turns it into a ValueError naming the file."""
+class RefusedGlobal(Exception):
+    """Raised by ``RestrictedNumpyUnpickler``; the readers turn it into a ValueError naming the file."""
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
+NUMPY_ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                       ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                       ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
 
 def load_pseudo_mask(path):
@@ -359,8 +375,9 @@ def load_pseudo_mask(path):
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(f)
-            content = _PseudoMaskUnpickler(f).load() if dtype == object and shape == () else None
-        except _RefusedGlobal as e:
+            is_pickle = dtype == object and shape == ()
+            content = RestrictedNumpyUnpickler(f, NUMPY_ARRAY_GLOBALS).load() if is_pickle else None
+        except RefusedGlobal as e:
             raise ValueError(f"{path}: not an IRNet pseudo-mask .npy ({e.args[0]})") from None
         except (ValueError, pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{path}: not an IRNet pseudo-mask .npy ({type(e).__name__})") from None

@@ -159,7 +159,8 @@ def test_stage2_refer_evaluation_reports_hit(sample, stage2_folder, caplog, monk
     (lambda tmp: ["--data-root", str(tmp)], "--data-root {tmp}: {tmp}/external/refer/data/refcoco/refs(unc).p not "
                                             "found"),
     (lambda tmp: ["--data-root", str(tmp), "-d", "referit"],
-     "-m test -n TRIS_stage1 --data-root reads RefCOCO-style refer files: -d unc, unc+ or Gref (not referit)"),
+     "-m test -n TRIS_stage1 --data-root {tmp}: {tmp}/data/referit/annotations/val.pickle not found (TRIS's ReferIt "
+     "annotations"),
 ])
 def test_refer_evaluation_problems_are_one_line(sample, tris_folder, tmp_path, caplog, extra, message):
     status, out = run(command(sample, tris_folder, *extra(tmp_path)), caplog)

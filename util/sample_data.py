@@ -8,7 +8,10 @@
   ``refs(umd).p`` (pickle protocol 2, list of ref dicts with ref_id, ann_id, image_id, category_id, split,
   sentences[{sent, sent_id, tokens, raw}]). Splits: unc train/val/testA/testB, google train/val, umd train/val/test.
 - ``data/referit/images/<imgid>.jpg``, ``data/referit/mask/<imgid>_<region>.mat`` (``segimg_t``, 0 = object) and
-  ``data/referit_query_{trainval,test}.json``.
+  ``data/referit_query_{trainval,test}.json``; the same images and queries as TRIS's pickled annotations
+  ``data/referit/annotations/{train,test}.pickle`` (``_referit_entry``: hassanhub/MultiGrounding's format, one RLE
+  per polygon, boxes x1, y1, x2, y2; train = the trainval images). The tiny objects' boxes are under TRIS's 5 %
+  filter.
 - ``data/vocabulary_Gref.txt`` / ``data/vocabulary_referit.txt`` (``<pad>``, ``<go>``, ``<eos>``, ``<unk>``, then
   every token of the sample sentences, sorted) and ``data/Gref_emb.npy`` / ``data/referit_emb.npy`` (float32
   [vocabulary lines, 300]; ``<pad>`` row zero, the others normal with std 0.3).
@@ -284,18 +287,57 @@ def _save_mat(path, segimg_t):
         f.write(header + data[116:])
 
 
+def _polygon_rle(polygon, h, w):
+    """The COCO RLE of one polygon drawn as the .mat masks draw it: {'size': [h, w], 'counts': str}."""
+    from pycocotools import mask as cocomask
+
+    canvas = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+    rle = cocomask.encode(np.asfortranarray(np.asarray(canvas, np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _referit_entry(img_id, scene, object_queries, first_ref_id):
+    """One image of TRIS's ReferIt pickle as MultiGrounding's ``Data._get_dict_refer`` writes it: {'image_id',
+    'size', 'queries', 'annotations', 'captions'}, one annotation per unique query of each object with 'bbox'
+    [[int(x), int(y), int(x + w), int(y + h)]] of the object's COCO box and 'segmentation' one RLE per polygon."""
+    h, w = scene["h"], scene["w"]
+    annotations = []
+    for k, (obj, qs) in enumerate(zip(scene["objects"], object_queries)):
+        segmentation = [_polygon_rle(p, h, w) for p in obj["polygons"]]
+        canvas = Image.new("L", (w, h), 0)
+        for p in obj["polygons"]:
+            ImageDraw.Draw(canvas).polygon(p, fill=1)
+        ys, xs = np.nonzero(np.asarray(canvas))
+        x, y, bw, bh = float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
+        for query in dict.fromkeys(qs):
+            annotations.append({"ref_id": first_ref_id + k, "image_id": img_id, "query": query,
+                                "category": {SHAPES.index(obj["shape"]) + 1},
+                                "bbox": [[int(x), int(y), int(x + bw), int(y + bh)]],
+                                "bbox_norm": [[x / w, y / h, (x + bw) / w, (y + bh) / h]],
+                                "segmentation": segmentation, "idx": list(range(len(query.split()))),
+                                "image_size": (h, w, 3)})
+    return {"image_id": img_id, "size": (h, w, 3), "queries": [a["query"] for a in annotations],
+            "annotations": annotations, "captions": []}
+
+
 def _make_referit(root, rng):
-    """ReferIt images, .mat masks and the trainval/test query files; returns all queries."""
+    """ReferIt images, .mat masks, the trainval/test query files and TRIS's train/test annotation pickles; returns
+    all queries."""
     img_dir = os.path.join(root, "data", "referit", "images")
     mask_dir = os.path.join(root, "data", "referit", "mask")
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(mask_dir, exist_ok=True)
+    annotation_dir = os.path.join(root, "data", "referit", "annotations")
+    for folder in (img_dir, mask_dir, annotation_dir):
+        os.makedirs(folder, exist_ok=True)
     queries = {"trainval": {}, "test": {}}
+    tris_annotations = {"train": {}, "test": {}}
+    n_refs = 0
     for i in range(N_REFERIT_IMAGES):
         scene, im = _make_scene(rng, 100 + i)
         img_id = 2000 + 13 * i
         Image.fromarray(im).save(os.path.join(img_dir, f"{img_id}.jpg"), quality=90)
         split = "test" if i % 3 == 2 else "trainval"
+        object_queries = []
         for k, obj in enumerate(scene["objects"]):
             key = f"{img_id}_{k + 1}"
             canvas = Image.new("L", (scene["w"], scene["h"]), 1)
@@ -307,6 +349,13 @@ def _make_referit(root, rng):
             if i == 2 and k == 0:
                 qs.append(".")
             queries[split][key] = qs
+            object_queries.append(qs)
+        tris_split = "test" if split == "test" else "train"
+        tris_annotations[tris_split][str(img_id)] = _referit_entry(img_id, scene, object_queries, 3000 + n_refs)
+        n_refs += len(object_queries)
+    for split, content in tris_annotations.items():
+        with open(os.path.join(annotation_dir, f"{split}.pickle"), "wb") as f:
+            pickle.dump(content, f, protocol=4)
     all_q = []
     for split, qd in queries.items():
         with open(os.path.join(root, "data", f"referit_query_{split}.json"), "w") as f:
