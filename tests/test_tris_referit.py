@@ -4,7 +4,8 @@
 and on hand-made pickles; against the same model evaluated from the ``.npz`` test batches of the same images and
 sentences (``build_batches.py -d referit``, the ``.mat`` masks).
 
-The model is ``tests/test_tris_cli.py``'s (the golden's reduced stage 1, 96×96) saved as ``stage1_referit.pth``.
+The models are ``tests/test_tris_cli.py``'s (the golden's reduced stage 1, 96×96) saved as ``stage1_referit.pth``
+and ``tests/test_tris_eval_refer.py``'s stage 2 as ``stage2_referit.pth``.
 """
 import json
 import logging
@@ -18,12 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import test_tris_cli
+from tests import test_tris_cli, test_tris_eval_refer
 from tests.test_tris_eval_refer import recorded_run, run
 
 SIZE = test_tris_cli.SIZE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-tris_folder = test_tris_cli.tris_folder        # module fixture, shared
+tris_folder = test_tris_cli.tris_folder        # module fixtures, shared
+stage2_folder = test_tris_eval_refer.stage2_folder
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +260,18 @@ def test_overlapping_rles_reach_the_metrics(sample, referit_folder, tmp_path, ca
     for record in records:
         assert record["hitm"] == int(record["gt"][record["max_loc"]] == 1)
     np.testing.assert_array_equal(records[0]["boxes"], [[0, 0, 4, 5], [10, 0, 19, 9]])
+
+
+def test_stage2_referit_evaluation_reports_hit(sample, stage2_folder, tmp_path, caplog, monkeypatch):
+    """``-n TRIS_stage2`` through the same path: the 11 samples, Hit from the recorded maps and boxes."""
+    shutil.copy(stage2_folder / "stage2_refcoco.pth", tmp_path / "stage2_referit.pth")
+    argv = command(sample, tmp_path, "--data-root", str(sample))
+    argv[argv.index("TRIS_stage1")] = "TRIS_stage2"
+    records, result, _ = recorded_run(argv, caplog, monkeypatch, tmp_path / "stage2_referit.pth.referit_test.json")
+    assert result["model"] == "TRIS_stage2" and result["without_dcrf"]["samples"] == len(records) == 11
+    hits = []
+    for record in records:
+        row, col = record["max_loc"]
+        (x1, y1, x2, y2), = record["boxes"]
+        hits.append(x1 <= col <= x2 and y1 <= row <= y2)
+    assert result["original_metrics"]["Hit"] == pytest.approx(100 * np.mean(hits), abs=1e-12)
