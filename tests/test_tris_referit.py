@@ -7,8 +7,6 @@ sentences (``build_batches.py -d referit``, the ``.mat`` masks).
 The models are ``tests/test_tris_cli.py``'s (the golden's reduced stage 1, 96×96) saved as ``stage1_referit.pth``
 and ``tests/test_tris_eval_refer.py``'s stage 2 as ``stage2_referit.pth``.
 """
-import json
-import logging
 import os
 import pickle
 import shutil
@@ -71,8 +69,8 @@ def write_referit(root, content, images, protocol=2):
 
 def hand_made(root):
     """Two images in NON-sorted key order, whose samples are worked out by hand in ``test_hand_made_pickle``:
-    image "7" (10 × 20, 5 % = 10 px²) with a box of area 20 (kept; two overlapping RLEs, a second box, numpy
-    boxes as a Python 2 pickle would hold them), one of area exactly 10 (left out: the filter is >) and a float
+    image "7" (10 × 20, 5 % = 10 px²; a numpy scalar id) with a box of area 20 (kept; two overlapping RLEs, a second
+    box, numpy boxes: pickle protocol 2 stores them through ``_codecs.encode``), one of area exactly 10 (left out: the filter is >) and a float
     box (kept, not cast); image "3" (8 × 8, 5 % = 3.2) with a box of area 4 (kept)."""
     a, b, c = (np.zeros((10, 20), bool) for _ in range(3))
     a[0:5, 0:4] = True
@@ -81,7 +79,7 @@ def hand_made(root):
     d = np.zeros((8, 8), bool)
     d[3:5, 3:5] = True
     content = {
-        "7": {"image_id": 7, "size": (10, 20, 3), "annotations": [
+        "7": {"image_id": np.int64(7), "size": (10, 20, 3), "annotations": [
             {"query": "left thing", "bbox": np.array([[0, 0, 4, 5], [10, 0, 19, 9]]), "segmentation": [rle(a), rle(b)],
              "category": {1}},
             {"query": "thin thing", "bbox": [[0, 0, 2, 5]], "segmentation": [rle(a)]},
