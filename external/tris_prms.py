@@ -8,8 +8,9 @@ Usage: ``python external/tris_prms.py WEIGHTS -d unc --data-root ROOT --data-dir
   stage-1 snapshot prefix (``trainval_model.py -m train -n TRIS_stage1``).
 - Data: the train refs of ``-d`` (unc → refcoco/unc, unc+ → refcoco+/unc, Gref → refcocog/google) read as
   ``-m train -n TRIS_stage1`` reads them (``<ROOT>/external/refer/data``, ``<ROOT>/data/coco/images/train2014``;
-  ``models.tris_train``), the BPE merges file and the frozen CLIP ViT-B/32 (``<DATA>/weights/ViT-B-32.pth``, a
-  state_dict) from ``--data-dir``.
+  ``models.tris_train``), the BPE merges file and the frozen CLIP ViT-B/32 from ``--data-dir``: OpenAI's TorchScript
+  ``<DATA>/weights/ViT-B-32.pt`` (read without torch, ``util.torchscript``), else its state_dict
+  ``<DATA>/weights/ViT-B-32.pth`` (``tris_train.vit_path``).
 - Per ref (``ReferDataset(split='train', eval_mode=True)``: all its sentences, batch 1, refs in the split's order),
   the image stretched to S×S (PIL bilinear, ImageNet normalisation): for each sentence j the stage-1 map, its CLIP
   score Σ_k cos(ViT(224-resize of the raw map · 224-resize of the image), text_k) (``models.tris.prms_scores``);
@@ -101,10 +102,11 @@ def export(weights, dataset, data_root, data_dir, image_size, out_dir, existing)
 
     spec = model_spec("TRIS_stage1")
     cfg = types.SimpleNamespace(data_dir=data_dir, seed=0)
-    for path, what in ((spec.bpe_path(cfg), "CLIP's BPE merges"),
-                       (tris_train.vit_path(cfg), "the frozen CLIP ViT-B/32 state_dict")):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file ({what}; see data/README.md)")
+    if not os.path.isfile(spec.bpe_path(cfg)):
+        raise FileNotFoundError(f"{spec.bpe_path(cfg)}: no such file (CLIP's BPE merges; see data/README.md)")
+    vit_missing = tris_train.vit_problem(cfg)
+    if vit_missing:
+        raise FileNotFoundError(vit_missing)
     refs = PrmsRefs(data_root, dataset, spec.tokenizer(spec.bpe_path(cfg)))
     cam_dir = os.path.join(out_dir, tris_train.CAM_FOLDER)
     names_path = os.path.join(out_dir, f"{tris_train.COCO_SOURCES[dataset][0]}_train_names.json")
@@ -158,7 +160,8 @@ def main(argv=None):
     parser.add_argument("--data-root", default=".",
                         help="folder holding data/coco/images/train2014 and external/refer/data (default .)")
     parser.add_argument("--data-dir", default="data",
-                        help="folder of bpe_simple_vocab_16e6.txt.gz and weights/ViT-B-32.pth (default data)")
+                        help="folder of bpe_simple_vocab_16e6.txt.gz and weights/ViT-B-32.pt (OpenAI's) or "
+                             "weights/ViT-B-32.pth (its state_dict) (default data)")
     parser.add_argument("--img-size", type=int, default=tris.IMAGE_SIZE, help="network input size (320, --size)")
     parser.add_argument("--out-dir", default=None,
                         help="output folder (default <data-root>/output/<refcoco|refcoco+|refcocog>_<unc|google>): "

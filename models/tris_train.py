@@ -18,15 +18,22 @@ generator seeded by (``--seed``, epoch, iteration), so a resumed run sees the ba
 
 Objective: ``models.tris.stage1_losses`` (w1·MaxLoss of the frozen CLIP ViT-B/32 on the masked foreground + w4·the
 multilabel soft margin with the background channel, GAP+GMP and focal term + w5·the negatives' −log(1 − cos)). The
-frozen ViT-B/32 comes from ``<--data-dir>/weights/ViT-B-32.pth``: CLIP's ViT-B/32 state_dict as ``torch.save``
-writes it (OpenAI's ``ViT-B-32.pt`` is a TorchScript archive, which this reader does not open: save its
-``state_dict()`` once). It runs in float32 (the original: float16 on a GPU, float32 on CPU).
+frozen ViT-B/32 comes from ``<--data-dir>/weights/ViT-B-32.pt``: OpenAI's TorchScript archive (``clip.load(
+"ViT-B/32")``'s download, read by ``util.torchscript`` without torch), else ``<--data-dir>/weights/ViT-B-32.pth``: its
+state_dict as ``torch.save`` writes it. It runs in float32 (the original: float16 on a GPU, float32 on CPU; OpenAI's
+float16 values are widened exactly).
 
 Optimizer (``train_stage1.main``): ``util.adamw.AdamW`` with group 0 = every backbone parameter at lr·0.1 and group
 1 = vis_project, lan_project, attn_fusion at lr, weight decay 0.01; ``TRIS.logit_scale`` in no group. LambdaLR factor
 (1 − t/(len(loader)·epochs))^0.9 stepped every iteration, with len(loader)·epochs = ``-i`` (pass ``-i`` = epochs ×
-ceil(train refs / batch) for the original's schedule). Initial weights: a TRIS stage-1 ``.pth`` (``--init-weights``;
-the model takes its sizes from it). OpenAI's CLIP RN50 TorchScript archive, TRIS's starting point, is not read.
+ceil(train refs / batch) for the original's schedule). Initial weights (``--init-weights``): the original starts
+from OpenAI's CLIP RN50 (``clip.load('RN50', jit=False, txt_length=20)`` → ``build_model(jit_model.state_dict())``
+→ ``.float()``) with the heads at torch's default initialisation; here OpenAI's TorchScript ``RN50.pt`` (read by
+``util.torchscript``, float16 widened exactly to float32) or a ``.pth`` holding CLIP RN50's state_dict gives the
+backbone (keys ``backbone.<key>``; ``input_resolution``/``context_length``/``vocab_size`` dropped and the text
+positional embedding kept whole, 77 rows, as ``build_model`` does: ``txt_length`` only sizes the causal mask) and
+the heads (``vis_project``, ``lan_project``, ``attn_fusion``, at ``--hidden_dim`` 1024) are drawn with torch's
+default initialisers from ``--seed``; a TRIS stage-1 ``.pth`` gives everything (the model takes its sizes from it).
 Loop and snapshots: ``util.loop.run_training`` (ours: atomic, model + optimizer state, resume from the newest complete
 and finite one).
 No per-epoch validation or best-mIoU/Hit checkpoints (evaluate a snapshot with ``-m test``).
@@ -49,9 +56,9 @@ epochs))^0.9 with e = the number of EPOCHS done (``scheduler.step()`` once per e
 an epoch = ceil(train refs / ``-bs``) iterations — practically a constant rate. Parameters that get no gradient
 (the attention pool, ``backbone.logit_scale``, ``backbone.text_projection``) are left alone, as torch's AdamW skips
 them. Initial weights (``--init-weights``): the original starts from OpenAI's CLIP RN50 with the heads at torch's
-default initialisation; here a ``.pth`` holding CLIP RN50's state_dict (``torch.save(model.state_dict())`` of
-OpenAI's TorchScript ``RN50.pt``) or a TRIS stage-1 ``.pth`` (its ``backbone.*``) gives the backbone and the heads
-are drawn with torch's default initialisers from ``--seed``; a TRIS stage-2 ``.pth`` gives everything.
+default initialisation; here OpenAI's TorchScript ``RN50.pt``, a ``.pth`` holding CLIP RN50's state_dict or a TRIS
+stage-1 ``.pth`` (its ``backbone.*``) gives the backbone (as for stage 1) and the heads are drawn with torch's
+default initialisers from ``--seed``; a TRIS stage-2 ``.pth`` gives everything.
 """
 import logging
 import math
@@ -67,7 +74,15 @@ COCO_SOURCES = {"unc": ("refcoco", "unc"), "unc+": ("refcoco+", "unc"), "Gref": 
 NEGATIVE_SAMPLES = 3     # scripts/train_stage1.sh --negative_samples
 LR_MULTI = 0.1           # args.py --lr_multi
 WEIGHT_DECAY = 0.01      # args.py --weight_decay
-VIT_FILE = os.path.join("weights", "ViT-B-32.pth")
+VIT_FILE = os.path.join("weights", "ViT-B-32.pt")         # OpenAI's TorchScript archive (the default)
+VIT_PTH_FILE = os.path.join("weights", "ViT-B-32.pth")    # or its state_dict saved with torch.save
+CLIP_URLS = {   # CLIP/clip/clip.py _MODELS (the SHA-256 of the file is the folder name)
+    "RN50": "https://openaipublic.azureedge.net/clip/models/"
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+}
+CLIP_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")   # deleted by clip.build_model
 PSEUDO_FOLDER = "ins_seg"   # TRIS README: output/<dataset>_<splitBy>/ins_seg (IRNet --ins_seg_out_dir)
 CAM_FOLDER = "cam"          # TRIS README: output/<dataset>_<splitBy>/cam (validate.py --cam_save_dir)
 
@@ -98,8 +113,21 @@ def pseudo_name(index, image_id):
 
 
 def vit_path(cfg):
-    """The frozen CLIP ViT-B/32: ``<--data-dir>/weights/ViT-B-32.pth``."""
-    return os.path.join(cfg.data_dir, VIT_FILE)
+    """The frozen CLIP ViT-B/32: ``<--data-dir>/weights/ViT-B-32.pt`` (OpenAI's archive) when it exists, else
+    ``<--data-dir>/weights/ViT-B-32.pth`` when that exists, else the ``.pt`` path."""
+    pth = os.path.join(cfg.data_dir, VIT_PTH_FILE)
+    pt = os.path.join(cfg.data_dir, VIT_FILE)
+    return pth if not os.path.isfile(pt) and os.path.isfile(pth) else pt
+
+
+def vit_problem(cfg):
+    """The frozen ViT-B/32 missing (one line naming both accepted files and where OpenAI's comes from), else
+    None."""
+    if os.path.isfile(vit_path(cfg)):
+        return None
+    return (f"{os.path.join(cfg.data_dir, VIT_FILE)} or {os.path.join(cfg.data_dir, VIT_PTH_FILE)}: no such file "
+            f"(the frozen CLIP ViT-B/32 of the stage-1 loss and PRMS: OpenAI's ViT-B-32.pt from "
+            f"{CLIP_URLS['ViT-B/32']}, or its state_dict saved with torch.save)")
 
 
 def train_data_root(cfg):
@@ -135,9 +163,10 @@ def bpe_problem(spec, cfg):
 
 def train_input_problem(spec, cfg):
     """What makes a TRIS training command line unusable before any work starts (one line), else None: ReferIt, the
-    refer pickle, the image folder, the BPE merges file, the initial weights, and per stage the ViT-B/32 file (stage
-    1) or the pseudo-mask folder (stage 2) missing. A missing pseudo-mask file is reported when the data set is
-    built (``PseudoMaskTrainSet``)."""
+    refer pickle, the image folder, the BPE merges file, the initial weights (an existing ``.pt`` or ``.pth``), and
+    per stage the ViT-B/32 file (stage 1: ``vit_problem``) or the pseudo-mask folder (stage 2) missing. A missing
+    pseudo-mask file is reported when the data set is built (``PseudoMaskTrainSet``); a file of the wrong kind when
+    it is read."""
     root = train_data_root(cfg)
     problem = refer_input_problem(f"-m train -n {spec.name}", spec, cfg, root)
     if problem:
@@ -147,15 +176,16 @@ def train_input_problem(spec, cfg):
         if not os.path.isdir(folder):
             return (f"--data-root {root}: pseudo-mask folder {folder} not found (IRNet's ins_seg output "
                     f"for -n TRIS_stage2; see the TRIS section of README.md)")
-        expected = "an existing .pth: CLIP RN50's state_dict, a TRIS stage-1 or a TRIS stage-2 checkpoint"
+        expected = ("an existing .pt or .pth: OpenAI's CLIP RN50.pt, CLIP RN50's state_dict, a TRIS stage-1 or a "
+                    "TRIS stage-2 checkpoint")
     else:
-        if not os.path.isfile(vit_path(cfg)):
-            return (f"{vit_path(cfg)}: no such file (the frozen CLIP ViT-B/32 of the stage-1 loss: the state_dict "
-                    f"of OpenAI's ViT-B-32.pt saved with torch.save; see data/README.md)")
-        expected = ("an existing TRIS stage-1 .pth (OpenAI's CLIP RN50 TorchScript archive is not read; the CLIP "
-                    "weights cannot start from zero)")
-    if not (cfg.init_weights.endswith(".pth") and os.path.isfile(cfg.init_weights)):
-        return f"--init-weights {cfg.init_weights}: expected {expected}"
+        problem = vit_problem(cfg)
+        if problem:
+            return problem
+        expected = ("an existing TRIS stage-1 checkpoint (.pth), OpenAI's CLIP RN50.pt or CLIP RN50's state_dict "
+                    "(.pth)")
+    if not (cfg.init_weights.endswith((".pt", ".pth")) and os.path.isfile(cfg.init_weights)):
+        return f"--init-weights {cfg.init_weights}: expected {expected} (OpenAI's RN50.pt: {CLIP_URLS['RN50']})"
     return None
 
 
@@ -417,14 +447,28 @@ class PseudoMaskTrainSet(ReferTrainSet):
         return self.image(index), ids, self.target(index)
 
 
-def load_frozen_vit(path):
-    """The frozen CLIP ViT-B/32 (``models.clip.CLIP``, sizes from the state_dict, causal mask of 20) from a
-    ``.pth`` state_dict; float16 tensors (OpenAI's) are widened to float32."""
-    from models import clip, tris
-    from util.pth import load_pth
+def load_weights(path, get_from=None):
+    """{key: array} of a weights file: a TorchScript archive (OpenAI's CLIP ``.pt``: its ``state_dict()`` after
+    ``.float()``, ``util.torchscript``), else a ``torch.save`` ``.pth`` (a state_dict or a TRIS checkpoint's
+    'model'). Errors: one line naming the file."""
+    from models import tris
+    from util.torchscript import load_weights as read
 
-    state = tris.model_state_dict(load_pth(path), path)
-    state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    return tris.model_state_dict(read(path, get_from), path)
+
+
+def clip_state_dict(state):
+    """A CLIP state_dict as ``clip.build_model`` loads it: without ``input_resolution``, ``context_length``,
+    ``vocab_size`` (everything else as it is: the text positional embedding keeps all its rows)."""
+    return {k: v for k, v in state.items() if k not in CLIP_EXTRA_KEYS}
+
+
+def load_frozen_vit(path):
+    """The frozen CLIP ViT-B/32 (``models.clip.CLIP``, sizes from the state_dict, causal mask of 20) from OpenAI's
+    TorchScript ``ViT-B-32.pt`` or a ``.pth`` state_dict; float16 tensors (OpenAI's) are widened to float32."""
+    from models import clip, tris
+
+    state = clip_state_dict(load_weights(path, f"OpenAI's CLIP ViT-B/32: {CLIP_URLS['ViT-B/32']}"))
     if "visual.proj" not in state:
         raise ValueError(f"{path}: not a CLIP ViT state_dict (no visual.proj)")
     model = clip.CLIP("", **tris.clip_config_from_state_dict(state, prefix="", source=path))
@@ -459,26 +503,53 @@ def make_stage2_optimizer(model, lr, max_iter, iterations_per_epoch):
     return adamw.AdamW([(backbone, LR_MULTI), (rest, 1.0)], table, WEIGHT_DECAY)
 
 
-def initial_stage2_model(path, seed):
-    """The stage-2 model to start from (see the module docstring): a TRIS stage-2 ``.pth`` as it is; a CLIP
-    ResNet state_dict or a TRIS stage-1 ``.pth`` as the backbone, heads drawn from ``seed`` (full-size decoder)."""
-    from models import tris
-    from util.pth import load_pth
-
-    state = tris.model_state_dict(load_pth(path), path)
-    if "reduced_c1.conv.weight" in state:
-        return tris.TRISStage2.from_state_dict(state, path)
+def backbone_state_dict(state, path, accepted):
+    """The TRIS backbone entries (``backbone.<CLIP key>``) of a CLIP ResNet state_dict (OpenAI's RN50, its extra
+    entries dropped as ``clip.build_model`` drops them) or of a TRIS stage-1 checkpoint (its ``backbone.*``);
+    anything else: ValueError, one line naming ``path`` and what is ``accepted``."""
     if "vis_project.weight" in state:
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    clip_state = {f"backbone.{k}": v for k, v in state.items()
-                  if k not in ("input_resolution", "context_length", "vocab_size")}
-    if "backbone.visual.layer1.0.conv1.weight" not in clip_state:
-        raise ValueError(f"{path}: neither a TRIS stage-2 checkpoint nor a CLIP ResNet state_dict (CLIP RN50's or a "
-                         f"TRIS stage-1 checkpoint's backbone)")
-    model = tris.TRISStage2(tris.clip_config_from_state_dict(clip_state, source=path),
-                            rng=np.random.default_rng(seed))
-    tris.load_state_dict_strict(model.backbone, clip_state, path, "CLIP ResNet")
+    backbone = {f"backbone.{k}": v for k, v in clip_state_dict(state).items()}
+    if "backbone.visual.layer1.0.conv1.weight" not in backbone:
+        raise ValueError(f"{path}: neither {accepted}")
+    return backbone
+
+
+def model_from_backbone(cls, backbone, path, seed):
+    """``cls`` (TRISStage1 / TRISStage2) sized by the CLIP ``backbone`` entries, heads drawn with torch's default
+    initialisers from ``seed``, the backbone assigned strictly (float32)."""
+    from models import tris
+
+    model = cls(tris.clip_config_from_state_dict(backbone, source=path), rng=np.random.default_rng(seed))
+    tris.load_state_dict_strict(model.backbone, backbone, path, "CLIP ResNet")
     return model
+
+
+def initial_stage1_model(path, seed):
+    """The stage-1 model to start from (see the module docstring): a TRIS stage-1 ``.pth`` as it is; OpenAI's
+    ``RN50.pt`` or a CLIP ResNet state_dict as the backbone, heads drawn from ``seed`` (``--hidden_dim`` 1024)."""
+    from models import tris
+
+    state = load_weights(path, f"OpenAI's CLIP RN50: {CLIP_URLS['RN50']}")
+    if "vis_project.weight" in state:
+        return tris.TRISStage1.from_state_dict(state, path)
+    backbone = backbone_state_dict(state, path, "a TRIS stage-1 checkpoint nor a CLIP ResNet state_dict "
+                                                "(OpenAI's RN50.pt or its state_dict)")
+    return model_from_backbone(tris.TRISStage1, backbone, path, seed)
+
+
+def initial_stage2_model(path, seed):
+    """The stage-2 model to start from (see the module docstring): a TRIS stage-2 ``.pth`` as it is; OpenAI's
+    ``RN50.pt``, a CLIP ResNet state_dict or a TRIS stage-1 ``.pth`` as the backbone, heads drawn from ``seed``
+    (full-size decoder)."""
+    from models import tris
+
+    state = load_weights(path, f"OpenAI's CLIP RN50: {CLIP_URLS['RN50']}")
+    if "reduced_c1.conv.weight" in state:
+        return tris.TRISStage2.from_state_dict(state, path)
+    backbone = backbone_state_dict(state, path, "a TRIS stage-2 checkpoint nor a CLIP ResNet state_dict (OpenAI's "
+                                                "RN50.pt, its state_dict or a TRIS stage-1 checkpoint's backbone)")
+    return model_from_backbone(tris.TRISStage2, backbone, path, seed)
 
 
 def make_optimizer(model, lr, max_iter):
@@ -516,7 +587,6 @@ def train_stage1(spec, cfg):
     weights). Logged terms: ``loss`` and l1, l4, l5 of ``stage1_losses``; ``lr`` is group 0's (the backbone's)."""
     from models import tris
     from util.loop import run_training
-    from util.pth import load_pth
 
     problem = train_input_problem(spec, cfg)
     if problem:
@@ -527,8 +597,7 @@ def train_stage1(spec, cfg):
              data.iterations_per_epoch(cfg.batch_size), cfg.batch_size)
     vit = load_frozen_vit(vit_path(cfg))
     log.info("Loading the initial weights from %s", cfg.init_weights)
-    model = tris.TRISStage1.from_state_dict(tris.model_state_dict(load_pth(cfg.init_weights), cfg.init_weights),
-                                            cfg.init_weights)
+    model = initial_stage1_model(cfg.init_weights, cfg.seed)
     model.model_name = spec.name
     optimizer = make_optimizer(model, cfg.lr, cfg.max_iter)
     step_fn = make_step(optimizer, lambda images, ids, neg_ids: tris.stage1_losses(
