@@ -103,7 +103,8 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data", help="folder of the *_emb.npy files (default data)")
     p.add_argument("--data-root", default=None,
                    help="TRIS: folder holding data/coco/images/train2014 and external/refer/data, as "
-                        "build_batches.py --data-root; train: default .; test: evaluate from these refer files "
+                        "build_batches.py --data-root (-d referit: data/referit/annotations/<split>.pickle and "
+                        "data/referit/images, TRIS's layout); train: default .; test: evaluate from these files "
                         "instead of the .npz batches (with the gt boxes: TRIS's Hit)")
     p.add_argument("--init-weights", default=None, help="backbone initialisation checkpoint (default: the original path; "
                    "'random' for seeded stand-in weights)")
