@@ -67,15 +67,12 @@ def ours(name, kinds, steps):
     """Our eval forward / train step of registry entry ``name`` (the cases of ``util.bench``)."""
     sys.path.insert(0, ROOT)
     import tensorflow as tf
-    from models import RANDOM_INIT, model_spec
-    from util.bench import EMBEDDING_SHAPE, bench_words
-    from util.train import make_train_step
+    from models import model_spec
+    from util.bench import EMBEDDING_SHAPE, bench_words, model_train_step, seeded_model
 
     spec = model_spec(name)
+    model = seeded_model(spec, EMBEDDING_SHAPE[0], IMAGE_SIZE, "deeplab", 0, True)
     rs = np.random.RandomState(0)
-    embedding = rs.uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32) if spec.needs_embedding(True) else None
-    model = spec.build(EMBEDDING_SHAPE[0], embedding, IMAGE_SIZE, "deeplab", 0)
-    spec.initialize(model, RANDOM_INIT, 0)
     images = tf.constant(rs.normal(0, 50, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32))
     words = tf.constant(bench_words(1))
     target = tf.constant((rs.uniform(size=(1, IMAGE_SIZE, IMAGE_SIZE, 1)) > 0.7).astype(np.float32))
@@ -85,10 +82,7 @@ def ours(name, kinds, steps):
         out["eval"] = profile(lambda: forward(images, words).numpy(), steps)
     if "train" in kinds:
         variables = spec.train_variables(model, False)
-        step = make_train_step(lambda x, training=True: spec.forward(model, x[0], x[1], training=training),
-                               spec.losses(model), spec.objective(model), variables,
-                               spec.make_optimizer(model, variables, 2.5e-4, 700000),
-                               regularization=spec.regularization, multiplier=spec.gradient_multiplier)
+        step = model_train_step(spec, model, variables, spec.make_optimizer(model, variables, 2.5e-4, 700000))
         out["train"] = profile(lambda: step((images, words), target)[0]["cost"].numpy(), steps)
     return out
 

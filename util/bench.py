@@ -109,6 +109,29 @@ def bench_words(batch):
     return words
 
 
+def seeded_model(spec, vocab_size, size, weights, seed, emb):
+    """The bench's model of registry entry ``spec``: its ``random`` initialisation from ``seed`` (the TF1 models'
+    backbone: ``models.backbone.seeded_weights``) and, when the entry reads GloVe vectors (``emb``), a seeded
+    uniform(−0.5, 0.5) embedding of ``EMBEDDING_SHAPE``."""
+    embedding = (np.random.RandomState(seed).uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32)
+                 if spec.needs_embedding(emb) else None)
+    model = spec.build(vocab_size, embedding, size, weights, seed)
+    spec.initialize(model, RANDOM_INIT, seed)
+    return model
+
+
+def model_train_step(spec, model, variables, update, dtype=tf.float32, jit_compile=False):
+    """``util.train.make_train_step`` of ``spec``'s model with its losses, objective, regularisation and gradient
+    multipliers, updating ``variables`` with ``update`` (its optimizer, or ``GradientsOnly``); images are cast to
+    ``dtype`` before the forward."""
+    def forward(inputs, training=True):
+        return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=training)
+
+    return make_train_step(forward, spec.losses(model), spec.objective(model), variables, update,
+                           jit_compile=jit_compile, regularization=spec.regularization,
+                           multiplier=spec.gradient_multiplier)
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -120,24 +143,16 @@ def bench(cfg):
     dtype = COMPUTE_DTYPES[cfg.precision]
     size = cfg.image_size
     spec = cfg.spec
-    embedding = (np.random.RandomState(cfg.seed).uniform(-0.5, 0.5, EMBEDDING_SHAPE).astype(np.float32)
-                 if spec.needs_embedding(cfg.emb) else None)
-    model = spec.build(cfg.vocab_size, embedding, size, cfg.weights, cfg.seed)
-    spec.initialize(model, RANDOM_INIT, cfg.seed)
+    model = seeded_model(spec, cfg.vocab_size, size, cfg.weights, cfg.seed, cfg.emb)
     own_recipe = spec.train_loop is not None
     tvars = {} if own_recipe else spec.train_variables(model, cfg.conv5)
     optimizer = None if own_recipe else spec.make_optimizer(model, tvars, cfg.lr, cfg.max_iter)
-    losses, objective = (None, None) if own_recipe else (spec.losses(model), spec.objective(model))
-
-    def forward(inputs, training=True):
-        return spec.forward(model, tf.cast(inputs[0], dtype), inputs[1], training=training)
 
     def train_step(jit_compile=False, update=optimizer):
-        return make_train_step(forward, losses, objective, tvars, update, jit_compile=jit_compile,
-                               regularization=spec.regularization, multiplier=spec.gradient_multiplier)
+        return model_train_step(spec, model, tvars, update, dtype, jit_compile)
 
     def probability(im, w):
-        return forward((im, w), training=False)[spec.probability_key]
+        return spec.forward(model, tf.cast(im, dtype), w, training=False)[spec.probability_key]
 
     image_spec = tf.TensorSpec([1, size, size, 3], tf.float32)
     words_spec = tf.TensorSpec([1, SENTENCE_LENGTH], tf.int32)
