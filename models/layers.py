@@ -132,24 +132,44 @@ def word_lstm(embedded, words, kernel, bias, units):
 
     TF1: ``for n: tf.cond(words[0, n] == 0, keep state, cell(emb[n], state))`` — a pad (id 0) at any position
     leaves the state unchanged. Here the skip is a per-sample ``tf.where``, so each sample of a batch gets what
-    batch 1 gives.
+    batch 1 gives; and the steps before the first one where some sample has a word (the leading pads of the
+    originals' left-padded sentences, shared by the whole batch) are not run at all: the loop is a
+    ``tf.while_loop`` from that step (``first_word_step``) to the end, so neither their forward nor their backward
+    (a [input + units, 4·units] outer product per step) is computed — as the originals' untaken ``tf.cond`` branches
+    cost nothing, and unlike a TF2 ``tf.cond``, whose gradient materialises a zero kernel gradient per untaken step.
+    The values equal running every step: the state of a skipped step is the zero initial state, its output zero;
+    the forward is the same ops bit for bit, the kernel and bias gradients are the same terms summed in another
+    order (last-bit differences). The loop also runs under XLA (static shapes, a data-dependent trip count).
 
     Args:
       embedded: [B, T, D] word embeddings.  words: [B, T] int ids (0 = pad).
     Returns:
       (outputs [B, T, units] with zeros at pad steps, final c [B, units], final h [B, units]).
     """
-    batch = tf.shape(embedded)[0]
-    c = tf.zeros([batch, units], embedded.dtype)
-    h = tf.zeros([batch, units], embedded.dtype)
-    outputs = []
-    for n in range(embedded.shape[1]):
-        is_word = tf.not_equal(words[:, n], 0)[:, None]
-        new_c, new_h = basic_lstm_cell(embedded[:, n], c, h, kernel, bias)
-        c = tf.where(is_word, new_c, c)
-        h = tf.where(is_word, new_h, h)
-        outputs.append(tf.where(is_word, new_h, tf.zeros_like(new_h)))
-    return tf.stack(outputs, axis=1), c, h
+    batch, steps = tf.shape(embedded)[0], embedded.shape[1]
+    is_word = tf.not_equal(words, 0)
+    time_major = tf.transpose(embedded, [1, 0, 2])
+
+    def step(n, c, h, outputs):
+        new_c, new_h = basic_lstm_cell(time_major[n], c, h, kernel, bias)
+        keep = is_word[:, n][:, None]
+        out = tf.where(keep, new_h, tf.zeros_like(new_h))
+        return (n + 1, tf.where(keep, new_c, c), tf.where(keep, new_h, h),
+                tf.tensor_scatter_nd_update(outputs, [[n]], out[None]))
+
+    zeros = tf.zeros([batch, units], embedded.dtype)
+    _, c, h, outputs = tf.while_loop(lambda n, *_: n < steps, step,
+                                     (first_word_step(is_word), zeros, zeros,
+                                      tf.zeros([steps, batch, units], embedded.dtype)),
+                                     maximum_iterations=steps)
+    return tf.transpose(outputs, [1, 0, 2]), c, h
+
+
+def first_word_step(is_word):
+    """The first step (int32 scalar) at which some sample of ``is_word`` [B, T] (bool) has a word; T when none has."""
+    any_word = tf.reduce_any(is_word, axis=0)
+    first = tf.cast(tf.argmax(tf.cast(any_word, tf.int32)), tf.int32)
+    return tf.where(tf.reduce_any(any_word), first, tf.shape(is_word, out_type=tf.int32)[1])
 
 
 def skip_pad_step(is_word, step, state):
@@ -157,9 +177,10 @@ def skip_pad_step(is_word, step, state):
     state tuple, already kept per sample with ``tf.where(is_word, new, old)``) runs only when ``is_word`` [B, 1]
     (bool) is true for some sample of the batch; otherwise ``state`` passes through unchanged. The result equals
     running ``step()`` unconditionally, exactly; the cond only saves the work of steps where every sample has a pad
-    (with left-padded sentences, the leading pads the whole batch shares). The If ops cost memory in a train step
-    (+0.45 GB at batch 1 had CMPC's word LSTM used them, whose steps are matrix–vector products), so only RMI's word
-    loop, where a step is a 22 GFLOP ALSTM over every position, uses it; ``word_lstm`` keeps the plain form."""
+    (with left-padded sentences, the leading pads the whole batch shares). RMI's word loop uses it (a step there is a
+    22 GFLOP ALSTM over every position); ``word_lstm`` starts its loop after the shared leading pads instead (a
+    TF2 cond's gradient materialises zeros for every captured variable of an untaken branch: +0.45 GB peak in CMPC's
+    train step when its word LSTM used conds)."""
     return tf.cond(tf.reduce_any(is_word), step, lambda: tuple(state))
 
 
