@@ -12,9 +12,10 @@ reported.
 
 FLOPs per image come from TensorFlow's profiler (``float_operation``: 2 per multiply-add of convolutions and
 matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone (ReSTR: the ViT), the whole forward
-(head = difference) and the whole train step. The profiler does not look inside ``tf.cond`` branches, so RMI's word
-loop (``models.layers.skip_pad_step``) is left out: RMI's head figure misses its ALSTM (22 GFLOP per word step at
-320×320) and its GFLOP/s is understated accordingly. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is
+(head = difference) and the whole train step. The profiler does not look inside ``tf.cond`` branches or
+``tf.while_loop`` bodies, so the word loops are left out: RMI's head figure misses its ALSTM (22 GFLOP per word
+step at 320×320, ``models.layers.skip_pad_step``) and its GFLOP/s is understated accordingly; the word LSTM of
+CMPC, RRN and the LSTM baseline (``models.layers.word_lstm``) is ~16 MFLOP a step, negligible. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is
 a 4096×4096 matmul in the compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
 the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
 
