@@ -39,7 +39,7 @@ import pickle
 
 import numpy as np
 
-from models.tris_train import NUMPY_ARRAY_GLOBALS, RefusedGlobal, RestrictedNumpyUnpickler, bpe_problem
+from models.tris_train import NUMPY_ARRAY_GLOBALS, RefusedGlobal, RestrictedNumpyUnpickler, bpe_problem, read_rgb
 
 log = logging.getLogger("models")
 
@@ -245,17 +245,8 @@ class ReferItEvalSet:
     def _image(self, index):
         """RGB uint8 [h, w, 3] of image ``index`` (``Image.open(...).convert("RGB")``), the last one kept; an image
         that cannot be decoded raises ``util.data.BadSample`` naming it (the test loop skips and lists it)."""
-        from PIL import Image
-
-        from util.data import BadSample
-
         if self._cached[0] != index:
-            try:
-                with Image.open(self.image_paths[index]) as img:
-                    rgb = np.asarray(img.convert("RGB"))
-            except OSError as e:
-                raise BadSample(f"{self.image_paths[index]}: unreadable image ({type(e).__name__}: {e})") from None
-            self._cached = (index, rgb)
+            self._cached = (index, read_rgb(self.image_paths[index]))
         return self._cached[1]
 
     def sample(self, index, a):

@@ -345,16 +345,8 @@ class ReferEvalSet(ReferTrainSet):
 
     def _ref(self, index):
         """(RGB uint8 [h, w, 3], gt bool [H, W], boxes [1, 4]) of ref ``index``, the last one kept."""
-        from util.data import BadSample
-
         if self._cached[0] != index:
-            from PIL import Image
-
-            try:
-                with Image.open(self.image_paths[index]) as img:
-                    rgb = np.asarray(img.convert("RGB"))
-            except OSError as e:
-                raise BadSample(f"{self.image_paths[index]}: unreadable image ({type(e).__name__}: {e})") from None
+            rgb = read_rgb(self.image_paths[index])
             height, width = self.image_sizes[index]
             if not (isinstance(height, int) and isinstance(width, int)):
                 height, width = rgb.shape[:2]
@@ -367,6 +359,20 @@ class ReferEvalSet(ReferTrainSet):
         rgb, gt, boxes = self._ref(index)
         return {"im_batch": rgb, "mask_batch": gt, "sent_batch": np.array([self.sentences[index][j]]),
                 "boxes": boxes}
+
+
+def read_rgb(path):
+    """RGB uint8 [h, w, 3] of an image file (``Image.open(path).convert("RGB")``, as TRIS's loaders read it); an
+    image that cannot be decoded raises ``util.data.BadSample`` naming it (the test loop skips and lists it)."""
+    from PIL import Image
+
+    from util.data import BadSample
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as e:
+        raise BadSample(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 class RestrictedNumpyUnpickler(pickle.Unpickler):
