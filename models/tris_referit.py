@@ -31,7 +31,6 @@ fails with a traceback); dict keys are used as ``str(key)`` for the image name, 
 ReferIt is not offered: TRIS's ``train_stage1.py`` / ``train_stage2.py`` train on ``ReferDataset`` only
 (``ImageLoader_train`` is never used).
 """
-import codecs
 import logging
 import numbers
 import os
@@ -40,6 +39,7 @@ import pickle
 import numpy as np
 
 from models.tris_train import NUMPY_ARRAY_GLOBALS, RefusedGlobal, RestrictedNumpyUnpickler, bpe_problem, read_rgb
+from util import pth
 
 log = logging.getLogger("models")
 
@@ -79,27 +79,17 @@ def referit_input_problem(command, spec, cfg, root):
 
 
 def _numpy_scalar(dtype, data=None):
-    """``numpy.core.multiarray.scalar(dtype, data)`` for numeric dtypes only; ``data`` is bytes, or a str when a
-    Python 2 pickle is read with ``encoding='latin1'``."""
-    if isinstance(data, str):
-        data = data.encode("latin-1")
-    if not (isinstance(dtype, np.dtype) and dtype.kind in _NUMERIC_KINDS and isinstance(data, bytes)
-            and len(data) == dtype.itemsize):
+    """``util.pth``'s numeric-only ``numpy.core.multiarray.scalar``, real dtypes only (``_NUMERIC_KINDS``); ``data``
+    may also be a str, as a Python 2 pickle read with ``encoding='latin1'`` gives it."""
+    if not (isinstance(dtype, np.dtype) and dtype.kind in _NUMERIC_KINDS):
         raise RefusedGlobal("refused numpy.core.multiarray.scalar that is not a plain number")
-    return np.frombuffer(data, dtype)[0]
-
-
-def _latin1_encode(text, encoding="utf-8"):
-    """``_codecs.encode(str, 'latin1')``, how pickle protocol 2 stores ``bytes``; any other codec is refused."""
-    if not (isinstance(text, str) and codecs.lookup(encoding).name == "iso8859-1"):
-        raise RefusedGlobal(f"refused _codecs.encode with {encoding!r} (only latin-1 bytes)")
-    return text.encode("latin-1")
+    return pth._numpy_scalar(dtype, data.encode("latin-1") if isinstance(data, str) else data)
 
 
 REFERIT_GLOBALS = {**NUMPY_ARRAY_GLOBALS,
                    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
                    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-                   ("_codecs", "encode"): _latin1_encode,
+                   ("_codecs", "encode"): pth._latin1_encode,
                    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
                    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset}
 
@@ -113,7 +103,7 @@ def load_annotations(path):
             content = RestrictedNumpyUnpickler(f, REFERIT_GLOBALS, encoding="latin1").load()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (TRIS's ReferIt annotations: {ANNOTATIONS_URL})") from None
-    except RefusedGlobal as e:
+    except (RefusedGlobal, pth._Refused) as e:
         raise ValueError(f"{path}: not TRIS's ReferIt annotation pickle ({e.args[0]})") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
