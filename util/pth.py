@@ -177,6 +177,52 @@ class PthUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def unpickle_data(zip_file, prefix, unpickler=PthUnpickler):
+    """Unpickle ``<prefix>data.pkl`` of an open archive with ``unpickler`` (``PthUnpickler`` or a subclass), its
+    storages decoded in the archive's byte order (``<prefix>byteorder``; absent: little)."""
+    names = set(zip_file.namelist())
+    byteorder = "little"
+    if prefix + "byteorder" in names:
+        byteorder = zip_file.read(prefix + "byteorder").decode().strip()
+    if byteorder not in ("little", "big"):
+        raise _Refused(f"unknown byteorder {byteorder!r}")
+    with zip_file.open(prefix + "data.pkl") as f:
+        return unpickler(f, zip_file, prefix, byteorder).load()
+
+
+def read_archive(path, get_from, read, *, error=PthError, noun="a .pth file",
+                 bad_zip="not a zip-format .pth or damaged ({})", damaged="data.pkl"):
+    """``read(zip_file)`` of the zip archive ``path``, every failure turned into one line naming the file.
+
+    Args:
+      path: the file; get_from: where users get it, appended to the missing-file message.
+      read: called with the open ``zipfile.ZipFile``; may raise ``error`` (passed on), ``_Refused`` (the file's name
+        is prefixed) or the unpickling errors (reported as a damaged ``damaged``).
+      error: the ``PthError`` class raised; noun: what a directory is not; bad_zip: the message for a non-zip file,
+        ``{}`` standing for zipfile's reason.
+    Raises:
+      FileNotFoundError (naming the file and ``get_from``); ``error`` for anything else.
+    """
+    path = str(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return read(zf)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file" + (f"; {get_from}" if get_from else "")) from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not {noun}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    except zipfile.BadZipFile as e:
+        raise error(f"{path}: " + bad_zip.format(e)) from None
+    except _Refused as e:
+        raise error(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, PthError):
+            raise
+        raise error(f"{path}: damaged {damaged} ({type(e).__name__}: {e})") from None
+
+
 def load_pth(path, get_from=None):
     """Load a zip-format ``.pth`` (``torch.save``) with tensors as numpy arrays, without torch.
 
@@ -190,35 +236,16 @@ def load_pth(path, get_from=None):
       FileNotFoundError (one line, naming the file and ``get_from``); PthError (one line, naming the file) for a file
       that is not a zip ``.pth`` (legacy format included), a refused global, a missing or truncated storage.
     """
-    path = str(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            tops = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if len(tops) != 1:
-                raise PthError(f"{path}: a zip archive but not a torch.save file (expected one <name>/data.pkl, "
-                               f"found {len(tops)})")
-            prefix = tops[0][:-len("data.pkl")]
-            names = set(zf.namelist())
-            byteorder = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
-            if byteorder not in ("little", "big"):
-                raise PthError(f"{path}: unknown byteorder {byteorder!r}")
-            with zf.open(tops[0]) as f:
-                return PthUnpickler(f, zf, prefix, byteorder).load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file" + (f"; {get_from}" if get_from else "")) from None
-    except IsADirectoryError:
-        raise PthError(f"{path}: is a directory, not a .pth file") from None
-    except OSError as e:
-        raise PthError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except zipfile.BadZipFile as e:
-        raise PthError(f"{path}: not a zip-format .pth or damaged ({e}); files of torch < 1.6 (legacy format) are "
-                       "not read: re-save them with torch.save in a newer torch") from None
-    except _Refused as e:
-        raise PthError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
-        if isinstance(e, PthError):
-            raise
-        raise PthError(f"{path}: damaged data.pkl ({type(e).__name__}: {e})") from None
+    def read(zf):
+        tops = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(tops) != 1:
+            raise PthError(f"{path}: a zip archive but not a torch.save file (expected one <name>/data.pkl, "
+                           f"found {len(tops)})")
+        return unpickle_data(zf, tops[0][:-len("data.pkl")])
+
+    return read_archive(path, get_from, read,
+                        bad_zip="not a zip-format .pth or damaged ({}); files of torch < 1.6 (legacy format) are "
+                                "not read: re-save them with torch.save in a newer torch")
 
 
 def load_state_dict(path, get_from=None):

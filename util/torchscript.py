@@ -37,7 +37,6 @@ file that is not a zip. A ``torch.save`` file (a zip with ``data.pkl`` and no ``
 ``load_torchscript_state_dict`` refuses it in one line; ``load_weights`` reads either kind.
 """
 import ast
-import pickle
 import zipfile
 
 import numpy as np
@@ -202,33 +201,15 @@ def load_torchscript_state_dict(path, get_from=None):
       FileNotFoundError (one line, naming the file and ``get_from``); TorchScriptError (a ``util.pth.PthError``;
       one line naming the file) for anything unreadable or refused.
     """
-    path = str(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            prefix = _archive_prefix(zf, path)
-            names = set(zf.namelist())
-            byteorder = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
-            if byteorder not in ("little", "big"):
-                raise TorchScriptError(f"{path}: unknown byteorder {byteorder!r}")
-            with zf.open(prefix + "data.pkl") as f:
-                root = TorchScriptUnpickler(f, zf, prefix, byteorder).load()
-            if not isinstance(root, _Record):
-                raise TorchScriptError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-            return module_state_dict(root, _classes(zf, prefix))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file" + (f"; {get_from}" if get_from else "")) from None
-    except IsADirectoryError:
-        raise TorchScriptError(f"{path}: is a directory, not a TorchScript archive") from None
-    except OSError as e:
-        raise TorchScriptError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except zipfile.BadZipFile as e:
-        raise TorchScriptError(f"{path}: not a TorchScript archive or damaged ({e})") from None
-    except pth._Refused as e:
-        raise TorchScriptError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError) as e:
-        if isinstance(e, pth.PthError):
-            raise
-        raise TorchScriptError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
+    def read(zf):
+        prefix = _archive_prefix(zf, path)
+        root = pth.unpickle_data(zf, prefix, TorchScriptUnpickler)
+        if not isinstance(root, _Record):
+            raise TorchScriptError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
+        return module_state_dict(root, _classes(zf, prefix))
+
+    return pth.read_archive(path, get_from, read, error=TorchScriptError, noun="a TorchScript archive",
+                            bad_zip="not a TorchScript archive or damaged ({})", damaged="archive")
 
 
 def load_weights(path, get_from=None):
