@@ -132,14 +132,10 @@ def word_lstm(embedded, words, kernel, bias, units):
 
     TF1: ``for n: tf.cond(words[0, n] == 0, keep state, cell(emb[n], state))`` — a pad (id 0) at any position
     leaves the state unchanged. Here the skip is a per-sample ``tf.where``, so each sample of a batch gets what
-    batch 1 gives; and the steps before the first one where some sample has a word (the leading pads of the
-    originals' left-padded sentences, shared by the whole batch) are not run at all: the loop is a
-    ``tf.while_loop`` from that step (``first_word_step``) to the end, so neither their forward nor their backward
-    (a [input + units, 4·units] outer product per step) is computed — as the originals' untaken ``tf.cond`` branches
-    cost nothing, and unlike a TF2 ``tf.cond``, whose gradient materialises a zero kernel gradient per untaken step.
-    The values equal running every step: the state of a skipped step is the zero initial state, its output zero;
-    the forward is the same ops bit for bit, the kernel and bias gradients are the same terms summed in another
-    order (last-bit differences). The loop also runs under XLA (static shapes, a data-dependent trip count).
+    batch 1 gives, and the steps run in ``loop_over_words`` (the batch's shared leading pads not at all). The values
+    equal running every step: the state of a skipped step is the zero initial state, its output zero; the forward
+    is the same ops bit for bit, the kernel and bias gradients are the same terms summed in another order
+    (last-bit differences).
 
     Args:
       embedded: [B, T, D] word embeddings.  words: [B, T] int ids (0 = pad).
@@ -147,21 +143,18 @@ def word_lstm(embedded, words, kernel, bias, units):
       (outputs [B, T, units] with zeros at pad steps, final c [B, units], final h [B, units]).
     """
     batch, steps = tf.shape(embedded)[0], embedded.shape[1]
-    is_word = tf.not_equal(words, 0)
     time_major = tf.transpose(embedded, [1, 0, 2])
 
-    def step(n, c, h, outputs):
+    def step(n, keep, state):
+        c, h, outputs = state
         new_c, new_h = basic_lstm_cell(time_major[n], c, h, kernel, bias)
-        keep = is_word[:, n][:, None]
         out = tf.where(keep, new_h, tf.zeros_like(new_h))
-        return (n + 1, tf.where(keep, new_c, c), tf.where(keep, new_h, h),
+        return (tf.where(keep, new_c, c), tf.where(keep, new_h, h),
                 tf.tensor_scatter_nd_update(outputs, [[n]], out[None]))
 
     zeros = tf.zeros([batch, units], embedded.dtype)
-    _, c, h, outputs = tf.while_loop(lambda n, *_: n < steps, step,
-                                     (first_word_step(is_word), zeros, zeros,
-                                      tf.zeros([steps, batch, units], embedded.dtype)),
-                                     maximum_iterations=steps)
+    c, h, outputs = loop_over_words(tf.not_equal(words, 0), step,
+                                    (zeros, zeros, tf.zeros([steps, batch, units], embedded.dtype)))
     return tf.transpose(outputs, [1, 0, 2]), c, h
 
 
@@ -172,16 +165,28 @@ def first_word_step(is_word):
     return tf.where(tf.reduce_any(any_word), first, tf.shape(is_word, out_type=tf.int32)[1])
 
 
-def skip_pad_step(is_word, step, state):
-    """A recurrent step that pads skip, as the originals' ``tf.cond(words[0, n] == 0, …)``: ``step()`` (the new
-    state tuple, already kept per sample with ``tf.where(is_word, new, old)``) runs only when ``is_word`` [B, 1]
-    (bool) is true for some sample of the batch; otherwise ``state`` passes through unchanged. The result equals
-    running ``step()`` unconditionally, exactly; the cond only saves the work of steps where every sample has a pad
-    (with left-padded sentences, the leading pads the whole batch shares). RMI's word loop uses it (a step there is a
-    22 GFLOP ALSTM over every position); ``word_lstm`` starts its loop after the shared leading pads instead (a
-    TF2 cond's gradient materialises zeros for every captured variable of an untaken branch: +0.45 GB peak in CMPC's
-    train step when its word LSTM used conds)."""
-    return tf.cond(tf.reduce_any(is_word), step, lambda: tuple(state))
+def loop_over_words(is_word, step, state):
+    """The originals' per-token loop with its pad skip, for any batch size: ``state = step(n, keep, state)`` for n
+    from ``first_word_step(is_word)`` to T − 1, where ``keep`` = ``is_word[:, n]`` [B, 1] (bool) and ``step`` keeps a
+    sample's state with ``tf.where(keep, new, old)``; returns the final ``state`` (a tuple of tensors).
+
+    The originals run ``tf.cond(words[0, n] == 0, keep state, cell)`` per token (batch 1), so their pads cost
+    nothing. Their sentences are left-padded (a pad never follows a word), so the steps where every sample of the
+    batch has a pad are the leading ones the whole batch shares: the loop is a ``tf.while_loop`` that starts after
+    them, and neither their forward nor their backward is computed. A ``tf.cond`` per step would skip them too, but
+    a TF2 cond's gradient materialises a zero gradient for every variable the untaken branch captures (+0.45 GB peak
+    in CMPC's train step for its word LSTM; a 32 MB kernel per untaken step for RMI's ALSTM), and 20 unrolled conds
+    take 5–10 s longer to trace and optimise than one loop body. A pad elsewhere (none in the originals' data) is
+    still skipped per sample by ``step``'s ``tf.where``. The loop also runs under XLA (static shapes, a
+    data-dependent trip count).
+    """
+    steps = is_word.shape[1]
+
+    def body(n, *state):
+        return (n + 1, *step(n, is_word[:, n][:, None], state))
+
+    return tuple(tf.while_loop(lambda n, *_: n < steps, body, (first_word_step(is_word), *state),
+                               maximum_iterations=steps)[1:])
 
 
 class ConvLSTMCell:

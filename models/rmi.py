@@ -17,9 +17,9 @@ pred = ``conv2``(ReLU(z)) [B,vf_h,vf_w,1], up = legacy bilinear upsampling to [H
 No ``conv1`` in RMI. Loss as the LSTM baseline.
 
 The original hard-wires batch 1 (``tf.cond(words[0, n] == 0, …)``); here the pad skip is a per-sample ``tf.where``
-on state_w, state_a and h_a, so each sample of a batch gets exactly what batch 1 gives, inside
-``layers.skip_pad_step``'s ``tf.cond``, so that a step where every sample has a pad costs nothing, as in the
-original (each ALSTM step is a [B·vf_h·vf_w, 3508] × [3508, 2000] matmul: 22 GFLOP per image at 40×40).
+on state_w, state_a and h_a, so each sample of a batch gets exactly what batch 1 gives, and the steps run in
+``layers.loop_over_words``, which starts after the leading pads the batch shares, so that those cost nothing, as
+in the original (each ALSTM step is a [B·vf_h·vf_w, 3508] × [3508, 2000] matmul: 22 GFLOP per image at 40×40).
 """
 import tensorflow as tf
 
@@ -114,21 +114,21 @@ class RMIHead(layers.TF1Module):
         positions = self.vf_h * self.vf_w
         embedded = tf.cast(tf.gather(self.tf1[f"{SCOPE}/embedding"], words), dtype)
         spatial = tf.tile(tf.constant(generate_spatial_batch(1, self.vf_h, self.vf_w), dtype), [batch, 1, 1, 1])
+        time_major = tf.transpose(embedded, [1, 0, 2])
+
+        def step(n, keep, state):
+            c_w, h_w, c_a, h_a = state
+            keep_at = tf.repeat(keep, positions, axis=0)
+            w_emb = time_major[n]
+            new_c_w, new_h_w = self._lstm_step(WLSTM_SCOPE, w_emb, c_w, h_w)
+            x = self.multimodal_input(visual, spatial, w_emb, new_h_w)
+            new_c_a, new_h_a = self._lstm_step(ALSTM_SCOPE, x, c_a, h_a)
+            return (tf.where(keep, new_c_w, c_w), tf.where(keep, new_h_w, h_w),
+                    tf.where(keep_at, new_c_a, c_a), tf.where(keep_at, new_h_a, h_a))
+
         c_w = h_w = tf.zeros([batch, self.rnn_size], dtype)
         c_a = h_a = tf.zeros([batch * positions, self.mlp_dim], dtype)
-        for n in range(self.num_steps):
-            is_word = tf.not_equal(words[:, n], 0)[:, None]
-
-            def step(n=n, is_word=is_word, c_w=c_w, h_w=h_w, c_a=c_a, h_a=h_a):
-                is_word_at = tf.repeat(is_word, positions, axis=0)
-                w_emb = embedded[:, n]
-                new_c_w, new_h_w = self._lstm_step(WLSTM_SCOPE, w_emb, c_w, h_w)
-                x = self.multimodal_input(visual, spatial, w_emb, new_h_w)
-                new_c_a, new_h_a = self._lstm_step(ALSTM_SCOPE, x, c_a, h_a)
-                return (tf.where(is_word, new_c_w, c_w), tf.where(is_word, new_h_w, h_w),
-                        tf.where(is_word_at, new_c_a, c_a), tf.where(is_word_at, new_h_a, h_a))
-
-            c_w, h_w, c_a, h_a = layers.skip_pad_step(is_word, step, (c_w, h_w, c_a, h_a))
+        _, _, _, h_a = layers.loop_over_words(tf.not_equal(words, 0), step, (c_w, h_w, c_a, h_a))
         return tf.reshape(h_a, [batch, self.vf_h, self.vf_w, self.mlp_dim])
 
     def __call__(self, features, words):

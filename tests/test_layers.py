@@ -1,24 +1,24 @@
-"""``models.layers`` pieces shared by the TF1 heads: the pad skips of RMI's word loop and of ``word_lstm``."""
+"""``models.layers`` pieces shared by the TF1 heads: the word loop with its pad skip (RMI's, ``word_lstm``)."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.layers import basic_lstm_cell, first_word_step, skip_pad_step, word_lstm
+from models.layers import basic_lstm_cell, first_word_step, loop_over_words, word_lstm
 
 
-def test_skip_pad_step_runs_the_cell_only_when_some_sample_has_a_word():
-    calls = []
-    state = (tf.ones([2, 3]), tf.zeros([2, 3]))
+def test_loop_over_words_runs_from_the_first_step_with_a_word():
+    is_word = tf.constant([[False, False, True, True], [False, False, False, True]])
+    seen = []
 
-    def step():
-        calls.append(1)
-        return state[1], state[0]
+    def step(n, keep, state):
+        seen.append((int(n), keep.numpy()[:, 0].tolist()))
+        return (state[0] + tf.cast(keep[:, 0], tf.float32),)
 
-    assert [x.numpy().tolist() for x in skip_pad_step(tf.constant([[False], [False]]), step, state)] == \
-        [x.numpy().tolist() for x in state]
-    assert calls == []
-    skip_pad_step(tf.constant([[False], [True]]), step, state)
-    assert calls == [1]
+    assert loop_over_words(is_word, step, (tf.zeros([2]),))[0].numpy().tolist() == [2, 1]
+    assert seen == [(2, [True, False]), (3, [True, True])]
+    seen.clear()
+    assert loop_over_words(tf.zeros([2, 4], tf.bool), step, (tf.ones([2]),))[0].numpy().tolist() == [1, 1]
+    assert seen == []
 
 
 def every_step_lstm(embedded, words, kernel, bias, units):

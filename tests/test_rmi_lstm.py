@@ -173,15 +173,16 @@ def test_pad_in_the_middle_is_skipped(head, golden):
 
 @pytest.mark.parametrize("model", ["RMI"])
 def test_skipped_pad_steps_change_nothing(head, golden, model, monkeypatch):
-    """RMI's word loop skips the steps where every sample has a pad (``layers.skip_pad_step``'s ``tf.cond``): the
-    outputs equal, bit for bit, the loop that runs every step and keeps the state with ``tf.where`` alone — for a
-    batch whose samples have left pads of different lengths, a pad in the middle and no word at all."""
+    """RMI's word loop skips the leading steps where every sample has a pad (``layers.loop_over_words`` starts at
+    ``first_word_step``): the outputs equal, bit for bit, the loop that runs every step and keeps the state with
+    ``tf.where`` alone — for a batch whose samples have left pads of different lengths, a pad in the middle and no
+    word at all."""
     words = np.zeros((3, 20), np.int32)
     words[0] = golden["words"][0]
     words[1, 15:] = [3, 0, 7, 9, 1]
     features = {"res5c_relu": tf.constant(np.repeat(golden["visual_res5c"], 3, axis=0))}
     skipping = tf.function(head)(features, tf.constant(words))
-    monkeypatch.setattr(layers, "skip_pad_step", lambda is_word, step, state: step())
+    monkeypatch.setattr(layers, "first_word_step", lambda is_word: tf.constant(0))
     every_step = tf.function(head)(features, tf.constant(words))
     for key in OUTPUTS[model]:
         np.testing.assert_array_equal(skipping[key].numpy(), every_step[key].numpy(), err_msg=key)
