@@ -125,7 +125,7 @@ def export(weights, dataset, data_root, data_dir, image_size, out_dir, existing)
     if model.stage != 1:
         raise ValueError(f"{weights}: PRMS needs a TRIS stage-1 model")
     vit = tris_train.load_frozen_vit(tris_train.vit_path(cfg))
-    forward = tf.function(lambda images, ids: model(images, ids))
+    forward = tf.function(lambda images, ids: model(images, ids), autograph=False)
     os.makedirs(cam_dir, exist_ok=True)
     log.info("PRMS over %d %s refs of %s (%d maps kept) → %s", len(refs), SPLIT, dataset, len(keep), cam_dir)
     results, counts, written = [], [], 0

@@ -270,7 +270,7 @@ class TF1Spec:
         foreground): the originals' test loop, the batch's padded S×S images in one forward."""
         from util.evaluate import predict_masks, prepare
 
-        forward = tf.function(lambda images, words: model(images, words))
+        forward = tf.function(lambda images, words: model(images, words), autograph=False)
 
         def predict(samples):
             prepared = [prepare(s, image_size) for s in samples]
@@ -471,7 +471,7 @@ class ReSTRSpec:
         """fn(samples) → [(mask, None)]: the original evaluation, one image at a time at its own size."""
         from models import restr
 
-        forward = tf.function(lambda images, words: model(images, words))
+        forward = tf.function(lambda images, words: model(images, words), autograph=False)
 
         def predict(samples):
             out = []

@@ -337,7 +337,7 @@ class SaGSpec:
         size, noise_shape = model.crop_size, [1, model.num_slots, model.embed_dim]
         forward = tf.function(lambda images, ids, noise: model(images, ids, noise), input_signature=[
             tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([1, None], tf.int64),
-            tf.TensorSpec(noise_shape, tf.float32)])
+            tf.TensorSpec(noise_shape, tf.float32)], autograph=False)
         generator = tf.random.Generator.from_seed(model.noise_seed)
         tokenizer = self.tokenizer(getattr(model, "vocab_file", None))
         self.last_records = []

@@ -64,7 +64,8 @@ def train(spec, cfg):
     size = cfg.image_size
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
-                                  tf.TensorSpec([None, None], tf.int64), tf.TensorSpec(noise_shape, tf.float32)])
+                                  tf.TensorSpec([None, None], tf.int64), tf.TensorSpec(noise_shape, tf.float32)],
+                 autograph=False)
     def train_step(images, ids, noise):
         out = sag.train_step(model, optimizer, images, ids, noise)
         return {k: out[k] for k in ("loss", "loss_cm", "loss_recon", "grad_total_norm")}, out["lrs"][0]

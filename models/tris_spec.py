@@ -286,7 +286,7 @@ class TRISSpec:
         from util import clip_bpe, data
 
         tokenizer = self.tokenizer(getattr(model, "bpe_file", None))
-        forward = tf.function(lambda images, ids: model(images, ids))
+        forward = tf.function(lambda images, ids: model(images, ids), autograph=False)
 
         def predict(samples):
             out = []

@@ -583,7 +583,7 @@ def make_step(optimizer, objective, terms):
         lr = optimizer.apply_gradients(grads)
         return {k: losses[k] for k in terms}, lr
 
-    return tf.function(step, reduce_retracing=True)
+    return tf.function(step, reduce_retracing=True, autograph=False)
 
 
 def train_stage1(spec, cfg):

@@ -14,7 +14,7 @@ FLOPs per image come from TensorFlow's profiler (``float_operation``: 2 per mult
 matmuls, 1 per element-wise op) on the batch-1 graphs: the backbone alone (ReSTR: the ViT), the whole forward
 (head = difference) and the whole train step. The profiler does not look inside ``tf.cond`` branches or
 ``tf.while_loop`` bodies, so the word loops are left out: RMI's head figure misses its ALSTM (22 GFLOP per word
-step at 320×320, ``models.layers.skip_pad_step``) and its GFLOP/s is understated accordingly; the word LSTM of
+step at 320×320, ``models.layers.loop_over_words``) and its GFLOP/s is understated accordingly; the word LSTM of
 CMPC, RRN and the LSTM baseline (``models.layers.word_lstm``) is ~16 MFLOP a step, negligible. Achieved GFLOP/s = FLOPs per image × images/s; the practical peak is
 a 4096×4096 matmul in the compute dtype, timed (median of ``repeats``) in the same run. Peak RSS is ``getrusage``'s maximum resident set of
 the process so far. Results are logged as a table and, with ``cfg.bench_json``, written as JSON.
@@ -71,13 +71,13 @@ def matmul_gflops(dtype, repeats, n=MATMUL_SIZE):
     """GFLOP/s of an n×n by n×n matmul (2n³ FLOPs) in ``dtype``: the machine's practical peak."""
     a = tf.random.stateless_normal([n, n], seed=[1, 2], dtype=tf.float32)
     a = tf.cast(a, dtype)
-    matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x)[:1, :1], tf.float32)))
+    matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x)[:1, :1], tf.float32)), autograph=False)
     return 2.0 * n ** 3 / median_seconds(lambda: matmul(a).numpy(), repeats) / 1e9
 
 
 def graph_flops(fn, *specs):
     """Float operations of ``tf.function(fn)`` traced at ``specs`` (TF profiler, ``float_operation``)."""
-    graph = tf.function(fn).get_concrete_function(*specs).graph
+    graph = tf.function(fn, autograph=False).get_concrete_function(*specs).graph
     options = ProfileOptionBuilder(ProfileOptionBuilder.float_operation()).with_empty_output().build()
     return profile(graph, options=options).total_float_ops
 
@@ -177,9 +177,10 @@ def bench(cfg):
     rng = np.random.RandomState(cfg.seed)
     state = [v.numpy() for v in tvars.values()]
     for xla in cfg.bench_xla:
-        eval_fn = tf.function(probability, jit_compile=xla)
+        eval_fn = tf.function(probability, jit_compile=xla, autograph=False)
         step_fn = None if own_recipe else train_step(xla)
-        backbone_fn = tf.function(lambda im: spec.backbone(model, tf.cast(im, dtype)), jit_compile=xla)
+        backbone_fn = tf.function(lambda im: spec.backbone(model, tf.cast(im, dtype)), jit_compile=xla,
+                                  autograph=False)
         grads_fn = None if own_recipe else train_step(xla, GradientsOnly())
         for batch in cfg.bench_batch_sizes:
             images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))

@@ -322,18 +322,18 @@ class ServingModule(tf.Module):
         self.image_size = image_size
         self.spec = spec
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     def tokenize(self, sentence):
         """int32 token ids of ``sentence`` ([T] for the GloVe vocabulary)."""
         return self.tokenizer(sentence)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], autograph=False)
     def preprocess_image(self, image):
         """uint8 [S, S, 3]: the resized, padded image the network sees."""
         return self.spec.serving_input(image, self.image_size)[1]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
-                                  tf.TensorSpec([], tf.string, name="sentence")])
+                                  tf.TensorSpec([], tf.string, name="sentence")], autograph=False)
     def serve(self, image, sentence):
         """{mask, probability, padded_image, words} of one image and sentence (module doc)."""
         words = self.tokenizer(sentence)

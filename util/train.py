@@ -108,9 +108,9 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
             losses["learning_rate"] = apply(grads)
             return losses, outputs
 
-        return tf.function(step, jit_compile=jit_compile)
+        return tf.function(step, jit_compile=jit_compile, autograph=False)
 
-    replica_fn = tf.function(gradients, jit_compile=True) if jit_compile else gradients
+    replica_fn = tf.function(gradients, jit_compile=True, autograph=False) if jit_compile else gradients
     mean = tf.distribute.ReduceOp.MEAN
 
     def distributed_step(inputs, target_fine):
@@ -119,7 +119,7 @@ def make_train_step(forward, losses_fn, objective, train_vars, optimizer, weight
         losses["learning_rate"] = apply({k: strategy.reduce(mean, g, axis=None) for k, g in grads.items()})
         return losses, outputs
 
-    return tf.function(distributed_step)
+    return tf.function(distributed_step, autograph=False)
 
 
 def make_strategy(name):
