@@ -25,7 +25,9 @@ import os
 import sys
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from util import tf_env
+
+tf_env.configure()
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

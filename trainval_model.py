@@ -12,7 +12,9 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from util import tf_env
+
+tf_env.configure()
 
 MODES = ("train", "test", "bench", "export", "table")
 DATASETS = ("Gref", "unc", "unc+", "referit")
