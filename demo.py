@@ -25,9 +25,7 @@ import os
 import sys
 import textwrap
 
-from util import tf_env
-
-tf_env.configure()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
