@@ -68,14 +68,11 @@ def ours(name, kinds, steps):
     sys.path.insert(0, ROOT)
     import tensorflow as tf
     from models import model_spec
-    from util.bench import EMBEDDING_SHAPE, bench_words, model_train_step, seeded_model
+    from util.bench import EMBEDDING_SHAPE, bench_inputs, model_train_step, seeded_model
 
     spec = model_spec(name)
     model = seeded_model(spec, EMBEDDING_SHAPE[0], IMAGE_SIZE, "deeplab", 0, True)
-    rs = np.random.RandomState(0)
-    images = tf.constant(rs.normal(0, 50, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32))
-    words = tf.constant(bench_words(1))
-    target = tf.constant((rs.uniform(size=(1, IMAGE_SIZE, IMAGE_SIZE, 1)) > 0.7).astype(np.float32))
+    images, words, target = bench_inputs(np.random.RandomState(0), 1, IMAGE_SIZE)
     out = {}
     if "eval" in kinds:
         forward = tf.function(lambda im, w: spec.forward(model, im, w, training=False)[spec.probability_key])

@@ -42,14 +42,11 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import tensorflow as tf
     from models import model_spec
-    from util.bench import EMBEDDING_SHAPE, bench_words, model_train_step, seeded_model
+    from util.bench import EMBEDDING_SHAPE, bench_inputs, model_train_step, seeded_model
 
     spec = model_spec(args.model)
     model = seeded_model(spec, EMBEDDING_SHAPE[0], args.size, "deeplab", 0, True)
-    rs = np.random.RandomState(0)
-    images = tf.constant(rs.normal(0, 50, (args.batch, args.size, args.size, 3)).astype(np.float32))
-    words = tf.constant(bench_words(args.batch))
-    target = tf.constant((rs.uniform(size=(args.batch, args.size, args.size, 1)) > 0.7).astype(np.float32))
+    images, words, target = bench_inputs(np.random.RandomState(0), args.batch, args.size)
     variables = spec.train_variables(model, False)
     step = model_train_step(spec, model, variables, spec.make_optimizer(model, variables, 2.5e-4, 700000))
     out = {"model": args.model, "batch": args.batch, "size": args.size,

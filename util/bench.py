@@ -110,6 +110,15 @@ def bench_words(batch):
     return words
 
 
+def bench_inputs(rng, batch, size):
+    """The bench's (images [batch, size, size, 3] float32 ~ N(0, 50), words ``bench_words``, target [batch, size,
+    size, 1] float32 of uniform > 0.7) as tensors, images then target drawn from the ``np.random.RandomState``
+    ``rng``."""
+    images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
+    target = tf.constant((rng.uniform(size=(batch, size, size, 1)) > 0.7).astype(np.float32))
+    return images, tf.constant(bench_words(batch)), target
+
+
 def seeded_model(spec, vocab_size, size, weights, seed, emb):
     """The bench's model of registry entry ``spec``: its ``random`` initialisation from ``seed`` (the TF1 models'
     backbone: ``models.backbone.seeded_weights``) and, when the entry reads GloVe vectors (``emb``), a seeded
@@ -183,9 +192,7 @@ def bench(cfg):
                                   autograph=False)
         grads_fn = None if own_recipe else train_step(xla, GradientsOnly())
         for batch in cfg.bench_batch_sizes:
-            images = tf.constant(rng.normal(0, 50, (batch, size, size, 3)).astype(np.float32))
-            words = tf.constant(bench_words(batch))
-            target = tf.constant((rng.uniform(size=(batch, size, size, 1)) > 0.7).astype(np.float32))
+            images, words, target = bench_inputs(rng, batch, size)
             cases = [("eval", lambda: eval_fn(images, words).numpy(), eval_flops)]
             if not own_recipe:
                 cases.append(("train", lambda: step_fn((images, words), target)[0]["cost"].numpy(), train_flops))
