@@ -226,28 +226,43 @@ def complete_snapshots(folder):
                   if f.startswith("unc_deeplab_LSTM_iter_") and f.endswith(".index"))
 
 
+def temporaries(folder):
+    return {f for f in os.listdir(folder) if ".tmp" in f} if folder.exists() else set()
+
+
+def wait_for(proc, condition, timeout=120):
+    """Poll ``condition()`` until it holds; fails if ``proc`` exits or ``timeout`` seconds pass first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the moment to kill it"
+        time.sleep(0.02)
+
+
 def test_sigkill_at_five_moments_resumes_with_the_same_losses(sample, tmp_path):
-    """Five SIGKILLs (four at random moments, one inside a snapshot write), each followed by a restart: every restart
-    resumes from the newest complete snapshot, no snapshot is ever half-written, and every logged loss equals the
-    uninterrupted run's (fixed seed)."""
-    args = ["-m", "train", "-t", "train", "--init-weights", "random", "--log-every", "1", "-i", "24", "-s", "3"]
+    """Five SIGKILLs, each followed by a restart: four at random moments of training (a random fraction of a step
+    after a random iteration is logged: mid-step, mid-snapshot or between them), one inside a snapshot write. Every
+    restart resumes from the newest complete snapshot, no snapshot is ever half-written, and every logged loss
+    equals the uninterrupted run's (fixed seed)."""
+    args = ["-m", "train", "-t", "train", "--init-weights", "random", "--log-every", "1", "-i", "15", "-s", "3"]
     whole = losses_of(trainval([*args, *common(sample, "LSTM_model", tmp_path / "whole")], check=True).stdout)
     folder = tmp_path / "killed"
     cmd = [sys.executable, TRAINVAL, *args, *common(sample, "LSTM_model", folder)]
     rng = random.Random(1234)
-    seen = {}
+    targets = iter([rng.randint(2, 4), rng.randint(5, 7), rng.randint(8, 10), rng.randint(11, 13)])
+    seen, resumes = {}, []
     for kill in range(5):
         log_path = tmp_path / f"run{kill}.log"
         in_write = kill == 3
         env = {**os.environ, **({FAULT_PAUSE_ENV: "5"} if in_write else {})}
+        stale = temporaries(folder)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             if in_write:
-                deadline = time.time() + 120
-                while time.time() < deadline and not (folder.exists() and any(".tmp" in f for f in os.listdir(folder))):
-                    time.sleep(0.02)
+                wait_for(proc, lambda: temporaries(folder) - stale)
             else:
-                time.sleep(rng.uniform(7.0, 16.0))
+                target = f"iter = {next(targets)}, cur time"
+                wait_for(proc, lambda: target in log_path.read_text())
+                time.sleep(rng.uniform(0.0, 0.5))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         text = log_path.read_text()
@@ -255,16 +270,18 @@ def test_sigkill_at_five_moments_resumes_with_the_same_losses(sample, tmp_path):
         resumed = re.search(r"resuming from \S+_iter_(\d+) \(iteration (\d+)\)", text)
         if resumed:
             assert resumed.group(1) == resumed.group(2)
+            resumes.append(int(resumed.group(1)))
         present = complete_snapshots(folder) if folder.exists() else []
         for it in present:
             tf.train.load_checkpoint(str(folder / f"unc_deeplab_LSTM_iter_{it}"))
         if in_write:
-            assert any(".tmp" in f for f in os.listdir(folder)), "the kill was meant to land inside a write"
+            assert temporaries(folder) - stale, "the kill was meant to land inside a write"
+    assert len(resumes) >= 3 and resumes == sorted(resumes), resumes
     final = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:]
     assert not any(".tmp" in f for f in os.listdir(folder))
     seen.update(losses_of(final.stdout))
-    assert complete_snapshots(folder)[-1] == 24
+    assert complete_snapshots(folder)[-1] == 15
     assert seen, "no losses logged"
     for it, loss in seen.items():
         assert loss == pytest.approx(whole[it], rel=1e-6), it
