@@ -93,7 +93,61 @@ class Defaults:
     image_size: int
 
 
-class TF1Spec:
+class ModelSpec:
+    """What every registry entry shares unless it overrides it (``TF1Spec``, ``ReSTRSpec``, ``SaGSpec``,
+    ``TRISSpec``): no DenseCRF, exportable, reads ``text_batch`` ids, util.train's generic step, ``loss`` logged, no
+    GloVe matrix, its own initial weights, ``-f`` required, snapshots ``<dataset>_iter_<N>``, no L2 term and no
+    gradient multipliers, probabilities as float64 as given, no figures beyond the standard block, the SavedModel's
+    forward = ``forward``. Each entry gives ``name`` and ``defaults`` (a ``Defaults``)."""
+    supports_crf = False
+    exportable = True
+    reads_sentences = False        # the predictor reads ``text_batch`` (ids), not ``sent_batch``
+    train_loop = None              # trains through util.train's generic step (TRIS and SaG bring their own loop)
+    log_loss = "loss"
+
+    def needs_embedding(self, emb):
+        return False
+
+    def embedding_file(self, dataset, emb):
+        return None
+
+    def default_init_weights(self, weights):
+        return self.init_weights
+
+    def default_snapshot_folder(self, batch_root, dataset):
+        return None
+
+    def snapshot_name(self, dataset, weights):
+        return f"{dataset}_iter"
+
+    def find_snapshot(self, candidates):
+        from util.snapshots import find_snapshot
+
+        return find_snapshot(candidates)
+
+    def regularization(self, train_vars):
+        return tf.constant(0.0)
+
+    def regularized_names(self, train_vars):
+        return []
+
+    def gradient_multiplier(self, name):
+        return 1.0
+
+    def probability(self, values):
+        return np.asarray(values, np.float64)
+
+    def original_metrics(self):
+        """Figures of the original's own evaluation beyond the standard block, after ``predictor``'s last run:
+        none."""
+        return None
+
+    def serving_forward(self, model, images, words):
+        """The SavedModel's forward: ``forward`` in inference mode."""
+        return self.forward(model, images, words)
+
+
+class TF1Spec(ModelSpec):
     """The TF1-era models (DeepLab-ResNet-101 backbone + a head): the originals' recipe.
 
     Input: ``float32(rgb)[..., ::-1] − mu`` (BGR, Caffe mean; ``util.data.to_network_input``); training step:
@@ -105,10 +159,7 @@ class TF1Spec:
     score_key = "pred"
     probability_key = "sigm"
     supports_crf = True
-    exportable = True
-    reads_sentences = False        # the predictor reads ``text_batch`` (ids of the GloVe-era vocabulary)
     batch_family = "tf1"           # build_batches.py --family of its .npz files
-    train_loop = None              # trains through util.train's generic step (TRIS and SaG bring their own loop)
 
     def __init__(self, name, defaults, short_name=None, glove=False):
         self.name, self.defaults, self.short_name, self.glove = name, defaults, short_name, glove
@@ -170,11 +221,6 @@ class TF1Spec:
 
         return restore_model(model, path, optimizer)
 
-    def find_snapshot(self, candidates):
-        from util.snapshots import find_snapshot
-
-        return find_snapshot(candidates)
-
     def load_trained(self, path, cfg):
         """The model of ``cfg`` (a ``util.config.RunConfig``) with the weights of snapshot ``path`` (ours or an
         original TF1 one)."""
@@ -234,11 +280,6 @@ class TF1Spec:
         return values
 
     # --- evaluation ------------------------------------------------------------------------------------------------
-    def original_metrics(self):
-        """Figures of the original's own evaluation beyond the standard block, after ``predictor``'s last run:
-        none (the block is the originals' own)."""
-        return None
-
     def serving_input(self, image, image_size):
         """In-graph ``util.evaluate.prepare`` of one uint8 RGB image [H, W, 3] (any size): (network input
         [1, S, S, 3], the resized zero-padded uint8 image [S, S, 3]) (``util.export.in_graph_preprocess``)."""
@@ -261,10 +302,6 @@ class TF1Spec:
 
         return glove_tokenizer(cfg)
 
-    def serving_forward(self, model, images, words):
-        """The SavedModel's forward: ``forward`` in inference mode."""
-        return self.forward(model, images, words)
-
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(prediction, DenseCRF prediction or None)] at each sample's original size (nonzero =
         foreground): the originals' test loop, the batch's padded S×S images in one forward."""
@@ -282,7 +319,7 @@ class TF1Spec:
         return predict
 
 
-class ReSTRSpec:
+class ReSTRSpec(ModelSpec):
     """ReSTR (``models.restr``): its ``train_restr.py`` / ``eval/evaluate.py`` recipe.
 
     Input: RGB, (x − 127.5)/127.5 (``restr.preprocess``); training batches are the ``.npz`` ones as built (padded
@@ -294,14 +331,9 @@ class ReSTRSpec:
     ``restr.eval_output`` (resize-and-crop, logits ≥ 1e-9). Snapshots: ours (TF2, with the AdamW state), or the
     original's ``<dataset>_<iter>.pth`` state_dicts for testing.
     """
-    log_loss = "loss"
     score_key = "pixel_pred"
     probability_key = "pixel_pred"
-    supports_crf = False
-    exportable = True
-    reads_sentences = False
     batch_family = "restr"
-    train_loop = None
 
     def __init__(self, name, defaults, sizes, init_weights):
         self.name, self.defaults, self.sizes, self.init_weights = name, defaults, dict(sizes), init_weights
@@ -312,15 +344,6 @@ class ReSTRSpec:
     def embedding_file(self, dataset, emb):
         """``referit_emb.npy`` for ReferIt, else ``Gref_emb.npy`` (the original's rule; ``-emb`` is not needed)."""
         return "referit_emb.npy" if dataset == "referit" else "Gref_emb.npy"
-
-    def default_init_weights(self, weights):
-        return self.init_weights
-
-    def default_snapshot_folder(self, batch_root, dataset):
-        return None
-
-    def snapshot_name(self, dataset, weights):
-        return f"{dataset}_iter"
 
     def snapshot_candidates(self, folder, dataset, weights, iteration):
         """Our ``<dataset>_iter_<N>``, then the original's ``<dataset>_<N>.pth``."""
@@ -367,11 +390,6 @@ class ReSTRSpec:
             model.load_state_dict(load_state_dict(path), path)
             return {"format": "pth"}
         return restore_model(model, path, optimizer)
-
-    def find_snapshot(self, candidates):
-        from util.snapshots import find_snapshot
-
-        return find_snapshot(candidates)
 
     def load_trained(self, path, cfg):
         """A ``.pth`` builds the model its tensors describe (``external.convert_restr``: vocabulary, widths and depths
@@ -421,21 +439,8 @@ class ReSTRSpec:
 
         return restr.make_optimizer(model, lr=lr, num_steps=max_iter)
 
-    def regularization(self, train_vars):
-        return tf.constant(0.0)
-
-    def regularized_names(self, train_vars):
-        return []
-
-    def gradient_multiplier(self, name):
-        return 1.0
-
     def probability(self, values):
         return 1.0 / (1.0 + np.exp(-np.asarray(values, np.float64)))
-
-    def original_metrics(self):
-        """None: ReSTR's evaluation prints the cumulative IoU and precisions of the standard block."""
-        return None
 
     def serving_input(self, image, image_size):
         """``restr.eval_input`` of one uint8 RGB image [H, W, 3] of any size: (network input [1, S, S, 3], the
@@ -462,10 +467,6 @@ class ReSTRSpec:
         from util.export import glove_tokenizer
 
         return glove_tokenizer(cfg)
-
-    def serving_forward(self, model, images, words):
-        """The SavedModel's forward: ``forward`` in inference mode."""
-        return self.forward(model, images, words)
 
     def predictor(self, model, image_size, dcrf):
         """fn(samples) → [(mask, None)]: the original evaluation, one image at a time at its own size."""

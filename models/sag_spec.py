@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import tensorflow as tf
 
-from models import sag
+from models import ModelSpec, sag
 from util.torch_image import resize_bilinear
 
 log = logging.getLogger(__name__)
@@ -78,18 +78,15 @@ def bert_state_dict(tensors, key_prefix="encoders.txt_enc.bert."):
     return out
 
 
-class SaGSpec:
+class SaGSpec(ModelSpec):
     """SaG: its ``train_cma_recon.py`` / ``eval_cma_recon.py`` recipe (module docstring).
 
     Methods as ``ReSTRSpec``; where SaG needs more than that interface carries, the extra methods say so:
     ``text_batch`` (sentences → sorted, padded ids), ``slot_noise`` (the per-forward noise), ``train_step`` (loss
     scaling and clipping inside the step), ``initialize`` takes the AugReg and the BERT files.
     """
-    log_loss = "loss"
     score_key = "relevance"
     probability_key = "relevance"
-    supports_crf = False
-    exportable = True           # serving_* below: PIL's resize (util.pil_resize), WordPiece and fixed noise in-graph
     reads_sentences = True      # the predictor tokenizes ``sent_batch`` itself (WordPiece), not ``text_batch``
     batch_family = "sag"
 
@@ -98,21 +95,6 @@ class SaGSpec:
         self.init_weights, self.vocab_file, self.bert_file = init_weights, vocab_file, bert_file
         self._tokenizer = None
         self.last_records = []
-
-    def needs_embedding(self, emb):
-        return False
-
-    def embedding_file(self, dataset, emb):
-        return None
-
-    def default_init_weights(self, weights):
-        return self.init_weights
-
-    def default_snapshot_folder(self, batch_root, dataset):
-        return None
-
-    def snapshot_name(self, dataset, weights):
-        return f"{dataset}_iter"
 
     def snapshot_candidates(self, folder, dataset, weights, iteration):
         """Our ``<dataset>_iter_<N>``, then the original's ``model_best.pth.tar`` and ``ckpt.pth.tar``."""
@@ -157,11 +139,6 @@ class SaGSpec:
             model.load_state_dict(read_checkpoint(path)[0], path)
             return {"format": "pth"}
         return restore_model(model, path, optimizer)
-
-    def find_snapshot(self, candidates):
-        from util.snapshots import find_snapshot
-
-        return find_snapshot(candidates)
 
     def load_trained(self, path, cfg):
         """A ``.pth.tar`` builds the model its tensors and saved args describe (``external.convert_sag``); our
@@ -262,18 +239,6 @@ class SaGSpec:
         """fn(images, ids, noise) → ``sag.train_step`` results: the step the generic one cannot express (loss scaled
         below iteration 5000, global-norm clip 0.1 before AdamW)."""
         return lambda images, ids, noise: sag.train_step(model, optimizer, images, ids, noise)
-
-    def regularization(self, train_vars):
-        return tf.constant(0.0)
-
-    def regularized_names(self, train_vars):
-        return []
-
-    def gradient_multiplier(self, name):
-        return 1.0
-
-    def probability(self, values):
-        return np.asarray(values, np.float64)
 
     def original_metrics(self):
         """``eval_seg``'s dict over the predictor's last run (``sag.seg_metrics``: cIoU, mIoU, precision, recall

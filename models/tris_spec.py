@@ -23,6 +23,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from models import ModelSpec
+
 log = logging.getLogger("models")
 RANDOM_INIT = "random"
 BPE_FILE_ENV = "REFSEG_CLIP_BPE"
@@ -38,13 +40,10 @@ def stretch_rgb(rgb_uint8, size):
     return np.asarray(Image.fromarray(np.asarray(rgb_uint8, np.uint8)).resize((size, size), Image.BILINEAR))
 
 
-class TRISSpec:
+class TRISSpec(ModelSpec):
     """TRIS stage 1 or stage 2 (``models.tris``): the original's evaluation (``validate.validate``), its
     ``.pth`` checkpoints and our TF2 snapshots. ``defaults``: a ``models.Defaults`` (TRIS: 15 epochs, lr 5e-5,
     batch 48, size 320)."""
-    log_loss = "loss"
-    supports_crf = False
-    exportable = True              # serving_*: PIL's resize (util.pil_resize) and CLIP's BPE (util.clip_bpe_graph)
     reads_sentences = True         # the predictor tokenizes ``sent_batch`` itself (CLIP BPE), not ``text_batch``
     batch_family = "tf1"           # evaluation .npz files (training reads the refer files directly)
 
@@ -65,20 +64,8 @@ class TRISSpec:
 
         return tris.TRISStage1 if self.stage == 1 else tris.TRISStage2
 
-    def needs_embedding(self, emb):
-        return False
-
-    def embedding_file(self, dataset, emb):
-        return None
-
     def default_init_weights(self, weights):
         return RANDOM_INIT
-
-    def default_snapshot_folder(self, batch_root, dataset):
-        return None
-
-    def snapshot_name(self, dataset, weights):
-        return f"{dataset}_iter"
 
     def snapshot_candidates(self, folder, dataset, weights, iteration):
         """Our ``<dataset>_iter_<N>``, then TRIS's released name ``stage<k>_<name>.pth`` (``unc`` → refcoco,
@@ -114,11 +101,6 @@ class TRISSpec:
             model.load_state_dict(self._state_dict(path), path)
             return {"format": "pth"}
         return restore_model(model, path, optimizer)
-
-    def find_snapshot(self, candidates):
-        from util.snapshots import find_snapshot
-
-        return find_snapshot(candidates)
 
     def load_trained(self, path, cfg):
         """A ``.pth`` builds the model its tensors describe (strict; a checkpoint of the other stage is refused in
@@ -206,9 +188,6 @@ class TRISSpec:
 
         (tris_train.train_stage1 if self.stage == 1 else tris_train.train_stage2)(self, cfg)
 
-    def probability(self, values):
-        return np.asarray(values, np.float64)
-
     def tokenizer(self, path=None):
         """CLIP's BPE over the merges file ``path`` (default: this entry's)."""
         from util import clip_bpe
@@ -242,10 +221,6 @@ class TRISSpec:
         from util.clip_bpe_graph import ClipBPETokenizer
 
         return ClipBPETokenizer(self.bpe_path(cfg))
-
-    def serving_forward(self, model, images, words):
-        """The SavedModel's forward: ``forward``."""
-        return self.forward(model, images, words)
 
     def serving_input(self, image, image_size):
         """One uint8 RGB image [H, W, 3] → (network input [1, S, S, 3], the stretched image as uint8 [S, S, 3]):
