@@ -14,7 +14,8 @@ import tempfile
 
 from util import tf_env
 
-tf_env.configure()
+if __name__ == "__main__":
+    tf_env.configure()  # as a script only: an importer's process (and its children) keeps its own environment
 
 MODES = ("train", "test", "bench", "export", "table")
 DATASETS = ("Gref", "unc", "unc+", "referit")

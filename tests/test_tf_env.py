@@ -21,10 +21,15 @@ def test_configure_sets_the_defaults_and_keeps_what_the_user_set(monkeypatch):
     assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "false" and os.environ["TF_CPU_BFC_MEM_LIMIT_IN_MB"] == "1000"
 
 
-def test_trainval_model_configures_on_import():
+def test_trainval_model_configures_as_a_script_and_not_on_import():
+    """Run as a script it sets the defaults; imported (the tests, a user's code) it leaves the importer's
+    environment, which its subprocesses inherit, alone."""
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import trainval_model, os; "
-            f"print(os.environ.get({VARIABLES[1]!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-                         check=True).stdout.strip()
-    assert out == "true"
+    show = f"print('@@', os.environ.get({VARIABLES[1]!r}))"
+    imported = f"import os, sys; sys.path.insert(0, {str(REPO)!r}); import trainval_model; {show}"
+    script = ("import os, runpy, sys; sys.argv = ['trainval_model.py', '--help']\n"
+              "try:\n    runpy.run_path('trainval_model.py', run_name='__main__')\nexcept SystemExit:\n    pass\n" + show)
+    for code, expected in ((imported, "@@ None"), (script, "@@ true")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=300, check=True).stdout
+        assert out.splitlines()[-1] == expected, out[-500:]

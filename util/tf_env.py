@@ -1,5 +1,6 @@
 """Process-wide TensorFlow settings that its C++ runtime reads from the environment once, so they are made before
-TensorFlow is imported (``trainval_model.py`` calls ``configure`` first thing). A variable the user has set
+TensorFlow is imported (``trainval_model.py`` calls ``configure`` first thing when run as a script, not when
+imported: an importer's environment, which its subprocesses inherit, stays its own). A variable the user has set
 already is left as it is."""
 import os
 
@@ -24,8 +25,7 @@ def configure():
     activations and gradients in again, page by page. The BFC allocator keeps freed blocks for reuse. Measured on
     the 2-core AMD EPYC (README, "Speed and scale"): CMPC's 320×320 train step at batch 8 43.1 → 34.8 s, kernel time
     62 → 13 s over four steps, peak RSS 8.36 → 7.84 GB; at batch 1 unchanged within the drift (4.4–4.7 s both);
-    RMI's 64×64 step 0.75 → 0.55 s. ``demo.py`` (one forward) keeps TensorFlow's default: there the pool only added
-    memory (a 1250×1250 photo's case peaked 598–617 MB above its start against 528 MB).
+    RMI's 64×64 step 0.75 → 0.55 s. ``demo.py`` (one forward, nothing for a pool to reuse) keeps TensorFlow's default.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
