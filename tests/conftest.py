@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the golden data lives, and a TensorFlow that stays quiet."""
+"""Shared test fixtures: where the golden data lives, and the TensorFlow environment ``trainval_model.py`` sets as a
+script (quiet C++ logs, the BFC host allocator: ``util.tf_env``), for this process and the ones it starts."""
 import os
 import pathlib
 import subprocess
@@ -6,9 +7,12 @@ import sys
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from util import tf_env  # noqa: E402 (before anything imports TensorFlow)
+
+tf_env.configure()
+
 SHARED = pathlib.Path(os.environ.get("REFSEG_SHARED", REPO.parent / "shared"))
 
 
