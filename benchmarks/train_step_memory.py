@@ -12,22 +12,12 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 import numpy as np
 
 import orig_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv=None):
@@ -42,7 +32,7 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import tensorflow as tf
     from models import model_spec
-    from util.bench import EMBEDDING_SHAPE, bench_inputs, model_train_step, seeded_model
+    from util.bench import EMBEDDING_SHAPE, bench_inputs, median_seconds, model_train_step, seeded_model
 
     spec = model_spec(args.model)
     model = seeded_model(spec, EMBEDDING_SHAPE[0], args.size, "deeplab", 0, True)
@@ -55,13 +45,13 @@ def main(argv=None):
     def run():
         step((images, words), target)[0]["cost"].numpy()
 
-    out["first_step_s"] = round(median_seconds(run, 1), 2)
-    out["train_step_s"] = round(median_seconds(run, args.steps), 3)
+    out["first_step_s"] = round(median_seconds(run, 1, warmups=0), 2)
+    out["train_step_s"] = round(median_seconds(run, args.steps, warmups=0), 3)
     if args.eval:
         forward = tf.function(lambda im, w: spec.forward(model, im, w, training=False)[spec.probability_key],
                               autograph=False)
         forward(images, words).numpy()
-        out["eval_s"] = round(median_seconds(lambda: forward(images, words).numpy(), args.steps), 3)
+        out["eval_s"] = round(median_seconds(lambda: forward(images, words).numpy(), args.steps, warmups=0), 3)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.update(peak_rss_gb=round(usage.ru_maxrss / 2 ** 20, 2), system_s=round(usage.ru_stime, 1),
                user_s=round(usage.ru_utime, 1), loadavg=[round(x, 2) for x in os.getloadavg()])

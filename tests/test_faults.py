@@ -279,7 +279,7 @@ def test_sigkill_at_five_moments_resumes_with_the_same_losses(sample, tmp_path):
     assert len(resumes) >= 3 and resumes == sorted(resumes), resumes
     final = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:]
-    assert not any(".tmp" in f for f in os.listdir(folder))
+    assert not temporaries(folder)
     seen.update(losses_of(final.stdout))
     assert complete_snapshots(folder)[-1] == 15
     assert seen, "no losses logged"

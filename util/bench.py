@@ -55,9 +55,10 @@ EMBEDDING_SHAPE = (12112, 300)
 ORIGINAL_KEYS = {"CMPC_model": "cmpc", "RRN_model": "rrn", "RMI_model": "rmi", "LSTM_model": "lstm"}
 
 
-def median_seconds(fn, repeats):
-    """Call ``fn`` twice (trace/compile, warm-up), then ``repeats`` timed calls; returns the median in seconds."""
-    for _ in range(2):
+def median_seconds(fn, repeats, warmups=2):
+    """Call ``fn`` ``warmups`` times (trace/compile, warm-up), then ``repeats`` timed calls; returns the median in
+    seconds."""
+    for _ in range(warmups):
         fn()
     times = []
     for _ in range(repeats):
